@@ -1,0 +1,99 @@
+"""Shared linear algebra, written once and out of place so it runs under vmap / grad / compile."""
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import einsum, rearrange
+from torch import Tensor
+
+from . import _keys
+
+
+def row_norm(W: Tensor) -> Tensor:
+    """‖W[o, :]‖₂ for each output row: (d_out, d_in) -> (d_out,)."""
+    return torch.linalg.vector_norm(W, dim=-1)
+
+
+def col_norm(W: Tensor) -> Tensor:
+    """‖W[:, i]‖₂ for each input column: (d_out, d_in) -> (d_in,)."""
+    return torch.linalg.vector_norm(W, dim=-2)
+
+
+def kaiming_uniform(gen: torch.Generator, shape: tuple[int, ...], fan_in: int) -> Tensor:
+    """torch/peft's kaiming_uniform_(a=√5): U(-1/√fan_in, 1/√fan_in), drawn from ``gen`` (fp32, CPU)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2.0 - 1.0) * bound
+
+
+def truncated_normal(gen: torch.Generator, shape: tuple[int, ...], std: float, mean: float = 0.0, bound: float = 2.0) -> Tensor:
+    """mean + std·N(0,1) truncated to ±bound·std, by resampling out-of-range draws (fp32, CPU)."""
+    z = torch.randn(shape, generator=gen, dtype=torch.float32)
+    for _ in range(100):
+        bad = z.abs() > bound
+        if not bool(bad.any()):
+            break
+        z = torch.where(bad, torch.randn(shape, generator=gen, dtype=torch.float32), z)
+    return mean + std * z.clamp(-bound, bound)
+
+
+def top_svd(W: Tensor, r: int, *, niter: int | None = None, key: _keys.Key = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-r singular triplets of W in fp32: U (d_out, r), S (r,), V (d_in, r), W ≈ U diag(S) Vᵀ.
+
+    ``niter=None`` is the exact SVD; an int runs a randomized SVD with that many power
+    iterations (Halko et al. 2011; what peft's ``pissa_niter_K`` does), seeded from ``key``.
+    """
+    W32 = W.detach().to(torch.float32)
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W32, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r].T
+    d_out, d_in = W32.shape
+    q = min(r + 10, d_out, d_in)  # oversampling, as torch.svd_lowrank
+    omega = torch.randn(d_in, q, generator=_keys.generator(key), dtype=torch.float32).to(W32.device)
+    Y = W32 @ omega
+    Q = torch.linalg.qr(Y).Q
+    for _ in range(niter):
+        Z = torch.linalg.qr(W32.T @ Q).Q
+        Q = torch.linalg.qr(W32 @ Z).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ W32, full_matrices=False)
+    return (Q @ Ub)[:, :r], S[:r], Vh[:r].T
+
+
+def skew_from_triu(p: Tensor, bs: int) -> Tensor:
+    """Strict upper-triangle params (..., bs(bs-1)/2) -> A = ½(P − Pᵀ), (..., bs, bs).
+
+    Built with a constant one-hot map instead of an in-place scatter, so it vmaps.
+    """
+    rows, cols = torch.triu_indices(bs, bs, offset=1)
+    onehot = torch.zeros(bs * bs, rows.numel(), dtype=p.dtype, device=p.device)
+    onehot[rows * bs + cols, torch.arange(rows.numel())] = 1.0
+    P = rearrange(p @ onehot.T, "... (i j) -> ... i j", i=bs)
+    return 0.5 * (P - P.transpose(-1, -2))
+
+
+def cayley(X: Tensor) -> Tensor:
+    """R = (I − X)⁻¹ (I + X) for skew-symmetric X (..., n, n): orthogonal, R(−X) = R(X)⁻¹, R(0) = I."""
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    return torch.linalg.solve(eye - X, eye + X)
+
+
+def block_rotate(h: Tensor, R: Tensor) -> Tensor:
+    """h · blockdiag(R_0, …, R_{n−1}) on an r-wide projection, never forming the r×r matrix.
+
+    h: (..., n·bs), R: (n, bs, bs) -> (..., n·bs)
+    """
+    n, bs = R.shape[-3], R.shape[-1]
+    hb = rearrange(h, "... (n i) -> ... n i", n=n, i=bs)
+    return rearrange(einsum(hb, R, "... n i, n i j -> ... n j"), "... n j -> ... (n j)")
+
+
+def householder_chain(x: Tensor, U: Tensor) -> Tensor:
+    """x H_{r−1} ⋯ H_0 with H_i = I − 2 u_i u_iᵀ / ‖u_i‖²: reflections applied to x, O(r·d) per token.
+
+    x: (..., d), U: (r, d). Reflection r−1 acts first, so x·(that) = x · (H_0 ⋯ H_{r−1})ᵀ.
+    """
+    Un = U / torch.linalg.vector_norm(U, dim=-1, keepdim=True)
+    for i in range(U.shape[0] - 1, -1, -1):
+        u = Un[i]
+        x = x - 2.0 * (x @ u)[..., None] * u
+    return x

@@ -1,0 +1,79 @@
+"""LoRA — Hu et al. 2021, arXiv 2106.09685 (rsLoRA: Kalajdzievski 2023, arXiv 2312.03732).
+
+    y = x Wᵀ + b + s · (x Aᵀ) Bᵀ,      s = alpha / r   (rsLoRA: s = alpha / √r)
+
+    A (r, d_in)  ~ kaiming-uniform(a=√5) = U(±1/√d_in)  (peft default), or N(0, 1/r²)
+                   with init="gaussian" (peft: normal_(std=1/r));  trainable
+    B (d_out, r) = 0;                                                 trainable
+    scale ()     = s;                                                 frozen leaf
+
+Identity at init: B = 0.
+Not here: peft's dropout on the adapter input (apply is pure and deterministic; drop x yourself).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from .. import _checks, _keys, linalg
+
+NAME = "lora"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False
+    init: str = "kaiming"  # "kaiming" (peft default) | "gaussian"
+    variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        who = type(self).__name__
+        _checks.positive_int("r", self.r, who)
+        _checks.finite_number("alpha", self.alpha, who)
+        _checks.one_of("init", self.init, {"kaiming", "gaussian"}, who)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+Config = LoRAConfig
+
+
+def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:
+    """A (random), B (zero), scale: shared by LoRA, DoRA and DeLoRA-style variants."""
+    d_out, d_in = _checks.check_weight(W, who)
+    _checks.check_rank(cfg.r, d_out, d_in, who)
+    gen = _keys.generator(key)
+    if getattr(cfg, "init", "kaiming") == "gaussian":
+        A = torch.randn((cfg.r, d_in), generator=gen) / cfg.r
+    else:
+        A = linalg.kaiming_uniform(gen, (cfg.r, d_in), fan_in=d_in)
+    opts = dict(dtype=W.dtype, device=W.device)
+    return {
+        "A": A.to(**opts).requires_grad_(True),
+        "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),
+        "scale": torch.tensor(cfg.scale, **opts),
+    }
+
+
+def init(key: _keys.Key, W: Tensor, cfg: LoRAConfig, stat=None) -> dict[str, Tensor]:
+    return init_factors(key, W, cfg, "lora.init")
+
+
+def delta(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """s · (x Aᵀ) Bᵀ — the low-rank branch, (..., d_in) -> (..., d_out)."""
+    h = einsum(x, params["A"], "... i, r i -> ... r")
+    return params["scale"] * einsum(h, params["B"], "... r, o r -> ... o")
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "lora.apply")
+    return torch.nn.functional.linear(x, W, b) + delta(params, x)

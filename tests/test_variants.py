@@ -1,0 +1,159 @@
+"""Contract tests, parametrised over the variant registry (SPEC.md §2)."""
+import pytest
+import torch
+from torch.func import vmap
+
+import lite_fn as lf
+from lite_fn import variants
+
+from cases import D_IN, D_OUT, all_cases, case_id
+from helpers import layer_params, make_layer, perturb, rel_err, with_steering
+
+CASES = all_cases()
+IDS = [case_id(c) for c in CASES]
+
+
+def x_in(dtype=torch.float32, seed=5, n=(3, 7)):
+    return torch.randn(*n, D_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_identity_at_init(case):
+    name, cfg = case
+    W, b = make_layer(D_OUT, D_IN)
+    p = with_steering(name, layer_params(name, cfg, W), 0.0)  # AntiPaSTO: alpha = 0 for any params
+    y = variants.get(name).apply(p, W, x_in(), b)
+    base = torch.nn.functional.linear(x_in(), W, b)
+    # PiSSA's s·(BA − B₀A₀) and AntiPaSTO at alpha=0 cancel exactly; the rest are exact by construction.
+    assert rel_err(y, base) <= 1e-6, rel_err(y, base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_antipasto_alpha_zero_exact_for_any_params(case):
+    name, cfg = case
+    mod = variants.get(name)
+    if not hasattr(mod, "STEERING_LEAF"):
+        pytest.skip("no steering leaf")
+    W, b = make_layer(D_OUT, D_IN)
+    p = with_steering(name, perturb(layer_params(name, cfg, W), seed=3, scale=1.0), 0.0)
+    assert torch.equal(mod.apply(p, W, x_in(), b), torch.nn.functional.linear(x_in(), W, b))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_same_key_same_params_and_w_untouched(case):
+    name, cfg = case
+    mod = variants.get(name)
+    W, b = make_layer(D_OUT, D_IN)
+    W0, rng0 = W.clone(), torch.get_rng_state()
+    p1, p2 = layer_params(name, cfg, W, key=7), layer_params(name, cfg, W, key=7)
+    assert p1.keys() == p2.keys()
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k
+        assert p1[k].requires_grad == p2[k].requires_grad
+    p3 = layer_params(name, cfg, W, key=8)
+    differs = any(not torch.equal(p1[k], p3[k]) for k in p1)
+    assert differs == getattr(mod, "RANDOM_INIT", True)
+    mod.apply(perturb(p1, 0), W, x_in(), b)
+    assert torch.equal(W, W0), "W was mutated"
+    assert torch.equal(torch.get_rng_state(), rng0), "global RNG state was consumed"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_vmap_equals_loop(case):
+    name, cfg = case
+    mod = variants.get(name)
+    W, b = make_layer(D_OUT, D_IN)
+    base = layer_params(name, cfg, W)
+    ps = [with_steering(name, perturb(base, seed=s), 0.5 + s) for s in range(4)]
+    stacked = {k: torch.stack([p[k].detach() for p in ps]) for k in base}
+    x = x_in()
+    got = vmap(mod.apply, in_dims=(0, None, None, None))(stacked, W, x, b)
+    want = torch.stack([mod.apply(p, W, x, b) for p in ps])
+    assert rel_err(got, want) <= 1e-5
+    # also vmapped over x together with params (the routed case)
+    xs = torch.randn(4, 5, D_IN)
+    got = vmap(mod.apply, in_dims=(0, None, 0, None))(stacked, W, xs, b)
+    want = torch.stack([mod.apply(p, W, xi, b) for p, xi in zip(ps, xs)])
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradients_reach_trainable_leaves_only(case):
+    name, cfg = case
+    mod = variants.get(name)
+    W, b = make_layer(D_OUT, D_IN)
+    p = with_steering(name, perturb(layer_params(name, cfg, W), seed=1), 1.0)
+    trainable = [k for k, v in p.items() if v.requires_grad]
+    assert trainable, "a variant with nothing to train"
+    loss = mod.apply(p, W, x_in(), b).pow(2).sum()
+    grads = torch.autograd.grad(loss, [p[k] for k in trainable])
+    for k, g in zip(trainable, grads):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"no gradient reached {k}"
+    for k, v in p.items():
+        if not v.requires_grad:
+            assert v.grad_fn is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_equals_apply(case):
+    name, cfg = case
+    mod = variants.get(name)
+    W, b = make_layer(D_OUT, D_IN)
+    p = with_steering(name, perturb(layer_params(name, cfg, W), seed=2), 1.0)
+    for bias in (b, None):
+        Wm, bm = variants.merge(mod, p, W, bias)
+        y = mod.apply(p, W, x_in(), bias)
+        assert rel_err(torch.nn.functional.linear(x_in(), Wm, bm), y) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bf16_close_to_fp32(case):
+    name, cfg = case
+    mod = variants.get(name)
+    W, b = make_layer(D_OUT, D_IN)
+    p32 = with_steering(name, perturb(layer_params(name, cfg, W), seed=4), 1.0)
+    p16 = {k: v.detach().to(torch.bfloat16) for k, v in p32.items()}
+    y16 = mod.apply(p16, W.bfloat16(), x_in().bfloat16(), b.bfloat16())
+    y32 = mod.apply(p32, W, x_in(), b)
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    assert rel_err(y16.float(), y32) <= 3e-2
+    # and init straight from a bf16 weight gives bf16 leaves
+    p = layer_params(name, cfg, W.bfloat16())
+    assert all(v.dtype == torch.bfloat16 for v in p.values())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bad_weight_and_input_errors(case):
+    name, cfg = case
+    mod = variants.get(name)
+    W, b = make_layer(D_OUT, D_IN)
+    with pytest.raises(ValueError, match="2-D"):
+        layer_params(name, cfg, W[0])
+    with pytest.raises(TypeError, match="floating-point"):
+        layer_params(name, cfg, (W * 10).to(torch.int64))
+    Wnan = W.clone()
+    Wnan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer_params(name, cfg, Wnan)
+    p = layer_params(name, cfg, W)
+    with pytest.raises(ValueError, match=f"d_in={D_IN}"):
+        mod.apply(p, W, torch.randn(3, D_IN + 1), b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_rank_errors(case):
+    name, cfg = case
+    if not hasattr(cfg, "r"):
+        pytest.skip("no rank")
+    with pytest.raises(ValueError, match="r=0"):
+        type(cfg)(**{**_fields(cfg), "r": 0})
+    W, _ = make_layer(D_OUT, D_IN)
+    big = type(cfg)(**{**_fields(cfg), "r": 2 * D_IN})
+    with pytest.raises(ValueError, match=f"r={2 * D_IN}"):
+        layer_params(name, big, W)
+
+
+def _fields(cfg):
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
