@@ -1,0 +1,81 @@
+"""Streaming calibration: feed each targeted layer's input to its variant's statistic.
+
+One pass over ``data`` (tensors, tuples or kwargs dicts), forward only, under no_grad. Memory
+is the statistics' size (fixed by the layer widths), never the number of tokens. Layers that see
+the identical input tensor (q/k/v) and whose statistics only depend on that input share one
+statistic object, so the work is done once. Iteration stops early once every statistic
+reports ``converged``.
+"""
+from __future__ import annotations
+
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ._progress import Progress
+
+
+def _run(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _tensor_id(x: torch.Tensor):
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = True, max_batches: int | None = None) -> dict:
+    """Update ``stats[path]`` with the inputs the module at ``path`` receives; returns ``stats``
+    (shared statistics replace their duplicates, so equal entries are the same object)."""
+    modules = dict(model.named_modules())
+    total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
+    bar = Progress("lite_fn calibration", total=total, enabled=progress)
+    batch_no = 0
+    seen: dict = {}  # (share_key, input tensor id) -> path whose stat took this batch's input
+
+    def recorder(path, module):
+        original = type(module).forward
+
+        def forward(x, *args, **kwargs):
+            stat = stats[path]
+            key = None if stat.share_key is None else (stat.share_key, _tensor_id(x))
+            if key is not None and key in seen:
+                owner = seen[key]
+                if stats[owner] is not stat:  # first time these two layers meet: share from now on
+                    stats[path] = stats[owner]
+            elif not stat.converged:
+                try:
+                    stat.update(x.detach())
+                except ValueError as e:
+                    raise ValueError(f"calibration input to {path!r} (batch {batch_no}): {e}") from e
+                if key is not None:
+                    seen[key] = path
+            return original(module, x, *args, **kwargs)
+        return forward
+
+    try:
+        for path in stats:
+            modules[path].forward = recorder(path, modules[path])
+        with torch.no_grad():
+            for batch in data:
+                seen.clear()
+                _run(model, batch)
+                batch_no += 1
+                tokens = min(s.tokens for s in stats.values())
+                bar.update(1, tokens=tokens)
+                if all(s.converged for s in stats.values()) or (max_batches is not None and batch_no >= max_batches):
+                    break
+    finally:
+        for path in stats:
+            modules[path].__dict__.pop("forward", None)
+    bar.close(tokens=min((s.tokens for s in stats.values()), default=0))
+    if batch_no == 0:
+        raise ValueError("calibration data was empty; pass an iterable with at least one batch of model inputs")
+    return stats
+
+

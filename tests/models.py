@@ -1,0 +1,38 @@
+"""Tiny Hugging Face models with random weights, built from configs (no downloads)."""
+import functools
+
+import torch
+import transformers as tf
+
+
+def _build(cls, cfg, seed):
+    torch.manual_seed(seed)
+    m = cls(cfg).eval()
+    return m
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(kind, seed):
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if kind == "llama":
+        return _build(tf.LlamaForCausalLM, tf.LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=64), seed)
+    if kind == "qwen2":
+        return _build(tf.Qwen2ForCausalLM, tf.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=64), seed)
+    if kind == "gpt2":
+        return _build(tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64), seed)
+    if kind == "bert":
+        return _build(tf.BertModel, tf.BertConfig(**common, max_position_embeddings=64), seed)
+    raise KeyError(kind)
+
+
+def tiny(kind, seed=0):
+    """A cached tiny model; tests must not mutate it (and the runtime never does)."""
+    return _cached(kind, seed)
+
+
+def tokens(batch=2, seq=6, seed=0, vocab=64):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
