@@ -1,0 +1,49 @@
+"""(IA)³, output side — Liu et al. 2022, arXiv 2205.05638 (peft: tuners/ia3, is_feedforward=False).
+
+    y = (x Wᵀ + b) ⊙ g
+
+    g (d_out,) = 1;  trainable
+
+The bias is scaled too: peft multiplies the base layer's whole output by g (and its merge
+rescales the bias), so this is the same map as W' = diag(g) W, b' = g ⊙ b.
+Identity at init: g = 1.
+The input-side form used for feed-forward down-projections is ``ia3_ff``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from .. import _checks, _keys
+
+NAME = "ia3"
+RANDOM_INIT = False
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    variant_name: ClassVar[str] = NAME
+
+
+Config = IA3Config
+
+
+def ones_gain(W: Tensor, side: str, who: str) -> dict[str, Tensor]:
+    """{"g": ones} on the output (side="out", d_out) or input (side="in", d_in) features of W."""
+    d_out, d_in = _checks.check_weight(W, who)
+    g = torch.ones(d_out if side == "out" else d_in, dtype=W.dtype, device=W.device)  # (d,)
+    return {"g": g.requires_grad_(True)}
+
+
+def init(key: _keys.Key, W: Tensor, cfg: IA3Config, stat=None) -> dict[str, Tensor]:
+    return ones_gain(W, "out", "ia3.init")
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "ia3.apply")
+    y = torch.nn.functional.linear(x, W, b)  # (..., o), bias included
+    return einsum(y, params["g"], "... o, o -> ... o")

@@ -1,0 +1,42 @@
+"""(IA)³, input side — Liu et al. 2022, arXiv 2205.05638 (peft: tuners/ia3, is_feedforward=True).
+
+    y = (x ⊙ g) Wᵀ + b
+
+    g (d_in,) = 1;  trainable
+
+peft uses this form for the layers listed in ``feedforward_modules`` (the FFN down-projection):
+the input is scaled, the bias passes through unscaled (peft's merge leaves it alone too).
+Identity at init: g = 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from .. import _checks, _keys
+from .ia3 import ones_gain
+
+NAME = "ia3_ff"
+RANDOM_INIT = False
+
+
+@dataclass(frozen=True)
+class IA3FFConfig:
+    variant_name: ClassVar[str] = NAME
+
+
+Config = IA3FFConfig
+
+
+def init(key: _keys.Key, W: Tensor, cfg: IA3FFConfig, stat=None) -> dict[str, Tensor]:
+    return ones_gain(W, "in", "ia3_ff.init")
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "ia3_ff.apply")
+    xg = einsum(x, params["g"], "... i, i -> ... i")
+    return torch.nn.functional.linear(xg, W, b)

@@ -1,0 +1,92 @@
+"""RoAd — Liao et al. 2024, arXiv 2409.00119 (peft: tuners/road).
+
+    y  = x Wᵀ + b                                   (bias included: it is rotated too)
+    y' = y ⊙ c₁ + rot_half(y) ⊙ c₂,    c₁ = α cos θ,  c₂ = α sin θ
+
+Output features are split into groups of ``group_size`` (even, dividing d_out); inside a
+group, element j of the first half pairs with element j of the second half, and
+rot_half(y) = (−y_second, y_first) per group (paper eq. 4; peft's layout).
+
+    theta, alpha (trainable), with G = d_out / group_size groups and h = group_size / 2:
+      road_1  (G, 1, h)      one (θ, α) per pair, shared by both halves
+      road_2  (G, 2, h)      one (θ, α) per output element
+      road_4  (G, 2, 2, h)   [:, 0] gives c₁ = α cos θ, [:, 1] gives c₂ = α sin θ, per element
+    Each is peft's flat road_theta / road_alpha in peft's element order, reshaped: copy with
+    ``peft_tensor.reshape(leaf.shape)``. The shape tells apply the variant and group size.
+
+Identity at init: θ = 0, α = 1 (so c₁ = 1, c₂ = 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .. import _checks, _keys
+
+NAME = "road"
+RANDOM_INIT = False
+VARIANTS = ("road_1", "road_2", "road_4")
+
+
+@dataclass(frozen=True)
+class ROADConfig:
+    variant: str = "road_1"
+    group_size: int = 64
+    variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        who = type(self).__name__
+        _checks.one_of("variant", self.variant, set(VARIANTS), who)
+        _checks.positive_int("group_size", self.group_size, who)
+        if self.group_size % 2:
+            lower = self.group_size - 1
+            hint = f"group_size={lower} or {lower + 2}" if lower else "group_size=2"
+            raise ValueError(f"{who}: group_size={self.group_size} must be even (each group pairs its first half "
+                             f"with its second half); use {hint}")
+
+
+Config = ROADConfig
+
+
+def _check_groups(d_out: int, group_size: int, who: str) -> None:
+    if d_out % group_size == 0:
+        return
+    if d_out % 2:
+        raise ValueError(f"{who}: d_out={d_out} is odd, so no even group_size={group_size} divides it; "
+                         "RoAd rotates output features in pairs and needs an even d_out")
+    valid = max(g for g in range(2, min(group_size, d_out) + 1, 2) if d_out % g == 0)
+    raise ValueError(f"{who}: group_size={group_size} does not divide d_out={d_out}; "
+                     f"use an even divisor of {d_out}, e.g. group_size={valid}")
+
+
+def init(key: _keys.Key, W: Tensor, cfg: ROADConfig, stat=None) -> dict[str, Tensor]:
+    d_out, _ = _checks.check_weight(W, "road.init")
+    _check_groups(d_out, cfg.group_size, "road.init")
+    G, h = d_out // cfg.group_size, cfg.group_size // 2
+    shape = {"road_1": (G, 1, h), "road_2": (G, 2, h), "road_4": (G, 2, 2, h)}[cfg.variant]
+    opts = dict(dtype=W.dtype, device=W.device)
+    return {
+        "theta": torch.zeros(shape, **opts).requires_grad_(True),
+        "alpha": torch.ones(shape, **opts).requires_grad_(True),
+    }
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "road.apply")
+    theta, alpha = params["theta"], params["alpha"]
+    if 2 * theta.shape[0] * theta.shape[-1] != W.shape[0]:
+        raise ValueError(f"road.apply: theta of shape {tuple(theta.shape)} covers {2 * theta.shape[0] * theta.shape[-1]} "
+                         f"output features but W has d_out={W.shape[0]}; init the params from this W")
+    if theta.ndim == 4:  # road_4: separate (θ, α) for the two columns of each 2×2 block
+        c1 = alpha[:, 0] * torch.cos(theta[:, 0])  # (g, s, h)
+        c2 = alpha[:, 1] * torch.sin(theta[:, 1])
+    else:  # road_1 (g, 1, h) broadcasts over the halves s; road_2 is (g, s, h)
+        c1, c2 = alpha * torch.cos(theta), alpha * torch.sin(theta)
+    y = torch.nn.functional.linear(x, W, b)  # (..., o), bias included
+    y = rearrange(y, "... (g s h) -> ... g s h", g=theta.shape[0], s=2)
+    rot_half = torch.stack((-y[..., 1, :], y[..., 0, :]), dim=-2)  # (−y_second, y_first)
+    return rearrange(y * c1 + rot_half * c2, "... g s h -> ... (g s h)")
