@@ -25,10 +25,6 @@ def _run(model: nn.Module, batch):
     return model(batch)
 
 
-def _tensor_id(x: torch.Tensor):
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-
-
 def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = True, max_batches: int | None = None) -> dict:
     """Update ``stats[path]`` with the inputs the module at ``path`` receives; returns ``stats``
     (shared statistics replace their duplicates, so equal entries are the same object)."""
@@ -36,25 +32,24 @@ def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = T
     total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
     bar = Progress("lite_fn calibration", total=total, enabled=progress)
     batch_no = 0
-    seen: dict = {}  # (share_key, input tensor id) -> path whose stat took this batch's input
+    # share_key -> (the last input tensor a statistic with that key took, its path). Holding the
+    # tensor keeps its identity meaningful (no address reuse); q/k/v receive the same object.
+    last: dict = {}
 
     def recorder(path, module):
         original = type(module).forward
 
         def forward(x, *args, **kwargs):
-            stat = stats[path]
-            key = None if stat.share_key is None else (stat.share_key, _tensor_id(x))
-            if key is not None and key in seen:
-                owner = seen[key]
-                if stats[owner] is not stat:  # first time these two layers meet: share from now on
-                    stats[path] = stats[owner]
+            stat, key = stats[path], stats[path].share_key
+            if key is not None and key in last and last[key][0] is x:
+                stats[path] = stats[last[key][1]]  # same input as the previous layer: share its statistic
             elif not stat.converged:
                 try:
                     stat.update(x.detach())
                 except ValueError as e:
                     raise ValueError(f"calibration input to {path!r} (batch {batch_no}): {e}") from e
                 if key is not None:
-                    seen[key] = path
+                    last[key] = (x, path)
             return original(module, x, *args, **kwargs)
         return forward
 
@@ -63,7 +58,7 @@ def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = T
             modules[path].forward = recorder(path, modules[path])
         with torch.no_grad():
             for batch in data:
-                seen.clear()
+                last.clear()
                 _run(model, batch)
                 batch_no += 1
                 tokens = min(s.tokens for s in stats.values())
