@@ -23,8 +23,8 @@ def layer_params(name, cfg, W, key=0, seed=1):
     stat = None
     if hasattr(mod, "stat"):
         g = torch.Generator().manual_seed(seed)
-        stat = mod.stat(cfg, W)
-        for _ in range(3):
+        stat = mod.stat(cfg, W)  # None when this config needs no data
+        for _ in range(3 if stat is not None else 0):
             stat.update(torch.randn(64, W.shape[1], generator=g).to(W.dtype) * torch.linspace(2.0, 0.1, W.shape[1]).to(W.dtype))
     return mod.init(key, W, cfg, stat)
 

@@ -52,7 +52,8 @@ def test_same_key_same_params_and_w_untouched(case):
         assert p1[k].requires_grad == p2[k].requires_grad
     p3 = layer_params(name, cfg, W, key=8)
     differs = any(not torch.equal(p1[k], p3[k]) for k in p1)
-    assert differs == getattr(mod, "RANDOM_INIT", True)
+    random_init = getattr(mod, "random_init", lambda cfg: getattr(mod, "RANDOM_INIT", True))
+    assert differs == random_init(cfg)
     mod.apply(perturb(p1, 0), W, x_in(), b)
     assert torch.equal(W, W0), "W was mutated"
     assert torch.equal(torch.get_rng_state(), rng0), "global RNG state was consumed"
@@ -157,3 +158,25 @@ def _fields(cfg):
     import dataclasses
 
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_compiles_without_graph_breaks(case):
+    """A loss + torch.func.grad over apply traces with fullgraph=True (dynamo only: backend="eager")."""
+    import torch._dynamo
+
+    name, cfg = case
+    mod = variants.get(name)
+    W, b = make_layer(D_OUT, D_IN)
+    p = with_steering(name, perturb(layer_params(name, cfg, W), seed=6), 1.0)
+    train = {k: v for k, v in p.items() if v.requires_grad}
+    frozen = {k: v for k, v in p.items() if not v.requires_grad}
+
+    def loss(t, x):
+        return mod.apply({**frozen, **t}, W, x, b).pow(2).mean()
+
+    torch._dynamo.reset()
+    step = torch.compile(torch.func.grad(loss), fullgraph=True, backend="eager")
+    got, want = step(train, x_in()), torch.func.grad(loss)(train, x_in())
+    for k in train:
+        assert rel_err(got[k], want[k]) <= 1e-5, k

@@ -7,6 +7,7 @@ A variant module defines
     apply(params, W, x, b=None) -> Tensor   # pure; no config; linear in x
 and optionally
     RANDOM_INIT: bool = True                # False when init draws no random numbers
+    random_init(cfg) -> bool                # the same, when it depends on the config (PiSSA's niter)
     STEERING_LEAF: str                      # a scalar leaf that lf.with_alpha sets (AntiPaSTO)
 and, when its init is data-driven,
     stat(cfg, W) -> Stat                    # a streaming input statistic (see lite_fn.calibration)

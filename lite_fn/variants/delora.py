@@ -1,0 +1,71 @@
+"""DeLoRA — Bini et al. 2025, arXiv 2503.18225 (decoupled low-rank adaptation).
+
+    h = (x ⊙ w) Aᵀ                                                         (..., r)
+    h ← h ⊙ (λ / r) / (max(‖A_i‖, 1e-4) · max(‖B_{:,i}‖, 1e-4))             per rank component i
+    y = x Wᵀ + b + h Bᵀ
+    i.e. ΔW = (λ/r) Σ_i (B_{:,i}/‖B_{:,i}‖)(A_i/‖A_i‖)ᵀ · diag(w):  the direction is learned, the
+    strength is bounded by λ (‖ΔW‖_F ≤ |λ| · max_i w_i).
+
+    A (r, d_in)  ~ kaiming-uniform(a=√5) = U(±1/√d_in)  (peft);   trainable
+    B (d_out, r) = 0;                                               trainable
+    lam ()       = λ (peft default 15);                             trainable
+    wnorm (d_in,) = w = ‖W[:, i]‖₂, the column norms of W;          frozen
+
+Identity at init: B = 0. Gradients flow through the norms ‖A_i‖, ‖B_{:,i}‖ (not detached), as in
+peft's DeloraLinear.forward; r in λ/r is A's row count. λ₀ = 0 is rejected: the output would be the
+identity, but every gradient would be zero (B's is scaled by λ, A's and λ's by B = 0), so training
+could never start (SPEC §4). Not here: peft's module_dropout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from .. import _checks, _keys, linalg
+
+NAME = "delora"
+
+
+@dataclass(frozen=True)
+class DeLoRAConfig:
+    r: int = 8
+    lam: float = 15.0  # peft: delora_lambda
+    variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        who = type(self).__name__
+        _checks.positive_int("r", self.r, who)
+        _checks.finite_number("lam", self.lam, who)
+        if self.lam == 0:
+            raise ValueError(f"{who}: lam={self.lam!r} would make every gradient zero at init (B = 0 and the B gradient is "
+                             f"scaled by lam), so training never starts; use a nonzero lam such as peft's lam=15.0")
+
+
+Config = DeLoRAConfig
+
+
+def init(key: _keys.Key, W: Tensor, cfg: DeLoRAConfig, stat=None) -> dict[str, Tensor]:
+    d_out, d_in = _checks.check_weight(W, "delora.init")
+    _checks.check_rank(cfg.r, d_out, d_in, "delora.init")
+    A = linalg.kaiming_uniform(_keys.generator(key), (cfg.r, d_in), fan_in=d_in)
+    opts = dict(dtype=W.dtype, device=W.device)
+    return {
+        "A": A.to(**opts).requires_grad_(True),
+        "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),
+        "lam": torch.tensor(cfg.lam, **opts).requires_grad_(True),
+        "wnorm": linalg.col_norm(W.detach()),
+    }
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "delora.apply")
+    A, B, lam = params["A"], params["B"], params["lam"]
+    h = einsum(x * params["wnorm"], A, "... i, r i -> ... r")
+    A_norm = linalg.row_norm(A).clamp_min(1e-4)  # (r,)  ‖A_i‖
+    B_norm = linalg.col_norm(B).clamp_min(1e-4)  # (r,)  ‖B_{:,i}‖
+    h = h * (lam / A.shape[-2]) / (A_norm * B_norm)
+    return torch.nn.functional.linear(x, W, b) + einsum(h, B, "... r, o r -> ... o")

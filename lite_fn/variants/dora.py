@@ -1,0 +1,81 @@
+"""DoRA — Liu et al. 2024, arXiv 2402.09353 (weight-decomposed low-rank adaptation).
+
+    y = (m / n) ⊙ (x Wᵀ + s · (x Aᵀ) Bᵀ) + b,      s = alpha / r   (rsLoRA: s = alpha / √r)
+    n = ‖W + s·BA‖_row  (one norm per output row), treated as a constant: no gradient
+
+    A (r, d_in)  ~ kaiming-uniform(a=√5) (peft default), or N(0, 1/r²) with init="gaussian"; trainable
+    B (d_out, r) = 0;                                                                        trainable
+    scale ()     = s;                                                                        frozen leaf
+    m (d_out,)   = ‖W‖_row;                                                                  trainable
+
+Identity at init: B = 0 so n = ‖W‖_row = m, and m / n = 1 exactly (m and n come from the same code).
+The norm is detached (paper §4.3 "treat ‖V + ΔV‖_c as a constant"; peft's DoraLinearLayer does the same).
+The bias passes through unscaled, as in peft (which subtracts it from the base result before rescaling).
+
+n is computed without forming the dense d_out × d_in matrix W + s·BA: for each row o,
+    n_o² = ‖W_o‖² + 2s · Σ_r B_or (W Aᵀ)_or + s² · B_o (A Aᵀ) B_oᵀ          (clamped ≥ 0)
+which needs only (d_out, r) and (r, r) intermediates. Exact algebra; in floating point it loses
+relative accuracy only when s·BA nearly cancels a row of W (n_o ≪ ‖W_o‖), far from DoRA's regime.
+Not here: peft's dropout on the adapter input (apply is pure and deterministic).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from .. import _checks, _keys, linalg
+from .lora import delta, init_factors
+
+NAME = "dora"
+
+
+@dataclass(frozen=True)
+class DoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False
+    init: str = "kaiming"  # "kaiming" (peft default) | "gaussian"
+    variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        who = type(self).__name__
+        _checks.positive_int("r", self.r, who)
+        _checks.finite_number("alpha", self.alpha, who)
+        _checks.one_of("init", self.init, {"kaiming", "gaussian"}, who)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+Config = DoRAConfig
+
+
+def weight_norm(W: Tensor, A: Tensor, B: Tensor, scale: Tensor) -> Tensor:
+    """‖W + s·BA‖_row (d_out,), detached, from (d_out, r) and (r, r) pieces only."""
+    W, A, B, scale = W.detach(), A.detach(), B.detach(), scale.detach()
+    WA = einsum(W, A, "o i, r i -> o r")  # (d_out, r)
+    AA = einsum(A, A, "r i, q i -> r q")  # (r, r)
+    cross = einsum(B, WA, "o r, o r -> o")  # Σ_r B_or (W Aᵀ)_or = ⟨W_o, (BA)_o⟩
+    square = einsum(B @ AA, B, "o q, o q -> o")  # B_o (A Aᵀ) B_oᵀ = ‖(BA)_o‖²
+    n2 = linalg.row_norm(W).square() + 2.0 * scale * cross + scale.square() * square
+    return n2.clamp_min(0.0).sqrt()
+
+
+def init(key: _keys.Key, W: Tensor, cfg: DoRAConfig, stat=None) -> dict[str, Tensor]:
+    p = init_factors(key, W, cfg, "dora.init")
+    m = weight_norm(W, p["A"], p["B"], p["scale"])  # B = 0: the row norms of W, bit-equal to n at init
+    return {**p, "m": m.requires_grad_(True)}
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "dora.apply")
+    n = weight_norm(W, params["A"], params["B"], params["scale"])  # (d_out,), no gradient
+    y = torch.nn.functional.linear(x, W) + delta(params, x)  # x (W + s·BA)ᵀ, (..., d_out)
+    y = (params["m"] / n) * y
+    return y if b is None else y + b

@@ -1,0 +1,61 @@
+"""HRA — Yuan et al. 2024, arXiv 2405.17484 (Householder reflection adaptation).
+
+    H_i = I − 2 u_i u_iᵀ / ‖u_i‖²,    R = H_0 H_1 ⋯ H_{r−1}    (d_in × d_in, orthogonal; never built)
+    y = x (W R)ᵀ + b = (x H_{r−1} ⋯ H_0) Wᵀ + b                  (peft: new_weight = W @ R)
+
+    U (r, d_in): row i is u_i;  trainable.
+        init (peft): r/2 vectors ~ kaiming-uniform(a=√5) of peft's (d_in, r/2) tensor, whose fan-in
+        is r/2, so U(±1/√(r/2)); each vector repeated twice in a row (u_0 = u_1, u_2 = u_3, …).
+
+Identity at init: H_{2k} H_{2k+1} = H² = I for each repeated pair, so R = I (up to rounding).
+The reflections act on x one at a time (linalg.householder_chain), O(r·d_in) per token.
+Odd r is rejected: peft warns and falls back to a random (non-identity) init; here it is an error.
+r > d_in is rejected: any d_in × d_in orthogonal matrix is a product of at most d_in reflections.
+Not here: peft's apply_GS=True (Gram-Schmidt). It gives R = I − 2QQᵀ (Q the orthonormalised u's),
+which is never the identity; with peft's paired init the second vector of each pair orthogonalises
+to exactly zero and peft returns NaN, so there is no identity init to match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import repeat
+from torch import Tensor
+
+from .. import _checks, _keys, linalg
+
+NAME = "hra"
+
+
+@dataclass(frozen=True)
+class HRAConfig:
+    r: int = 8
+    variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        who = type(self).__name__
+        _checks.positive_int("r", self.r, who)
+        if self.r % 2:
+            use = f"r={self.r + 1} or r={self.r - 1}" if self.r > 1 else "r=2"
+            raise ValueError(f"{who}: r={self.r} must be even for HRA's identity init "
+                             f"(pairs of equal reflections cancel); use {use}")
+
+
+Config = HRAConfig
+
+
+def init(key: _keys.Key, W: Tensor, cfg: HRAConfig, stat=None) -> dict[str, Tensor]:
+    d_out, d_in = _checks.check_weight(W, "hra.init")
+    if cfg.r > d_in:
+        raise ValueError(f"hra.init: r={cfg.r} exceeds d_in={d_in} for W of shape ({d_out}, {d_in}); "
+                         f"more than d_in reflections add nothing, use an even r <= {d_in - d_in % 2}")
+    half = linalg.kaiming_uniform(_keys.generator(key), (cfg.r // 2, d_in), fan_in=cfg.r // 2)
+    U = repeat(half, "k i -> (k two) i", two=2)  # (r, d_in): u_0 = u_1, u_2 = u_3, …
+    return {"U": U.to(dtype=W.dtype, device=W.device).requires_grad_(True)}
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "hra.apply")
+    return torch.nn.functional.linear(linalg.householder_chain(x, params["U"]), W, b)  # x Rᵀ Wᵀ + b

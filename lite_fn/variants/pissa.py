@@ -1,0 +1,91 @@
+"""PiSSA — Meng et al. 2024, arXiv 2404.02948 (principal singular values and vectors adaptation).
+
+    W = U S Vᵀ (fp32),   S' = S_r / s,   s = alpha / r   (rsLoRA: s = alpha / √r)
+    A = diag(√S') V_rᵀ,   B = U_r diag(√S')                  so  s·BA = U_r S_r V_rᵀ for any alpha
+    y = x Wᵀ + b + s · ((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ)
+
+    A (r, d_in), B (d_out, r)   = the factors above;         trainable
+    A0, B0                      = frozen copies of A, B;     frozen
+    scale ()                    = s;                         frozen leaf
+
+Identity at init: A = A₀, B = B₀, and both branches run the same ops, so they cancel exactly.
+The paper (and peft) overwrite W with the residual W − s·BA; here W stays shared and
+bit-identical and the residual is the frozen branch −s·B₀A₀ (same output, K adapters cost K
+low-rank sets, not K dense copies). S is divided by s as in peft (SPEC §4: otherwise the
+magnitudes of A and B are wrong whenever alpha ≠ r).
+
+niter=None is the exact SVD (peft's init_lora_weights="pissa"); the key is then unused.
+niter=K is a randomized SVD with K power iterations, like peft's "pissa_niter_K"; its sketch is
+drawn from the key (peft draws from torch's global RNG and uses no oversampling; linalg.top_svd
+oversamples by 10 columns, so it is at least as accurate).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _keys, linalg
+from .lora import delta
+
+NAME = "pissa"
+# Per config, init draws random numbers only when niter is set: see random_init(cfg).
+RANDOM_INIT = True
+
+
+def random_init(cfg: "PiSSAConfig") -> bool:
+    """Whether different keys give different params for this config (randomized SVD only)."""
+    return cfg.niter is not None
+
+
+@dataclass(frozen=True)
+class PiSSAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False
+    niter: int | None = None  # None: exact SVD; K: randomized SVD with K power iterations
+    variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        who = type(self).__name__
+        _checks.positive_int("r", self.r, who)
+        _checks.finite_number("alpha", self.alpha, who)
+        if self.alpha <= 0:
+            raise ValueError(f"{who}: alpha={self.alpha!r} must be > 0: PiSSA divides S by s = alpha/r and takes "
+                             f"its square root (e.g. alpha={2 * self.r})")
+        if self.niter is not None and (isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0):
+            raise ValueError(f"{who}: niter={self.niter!r} must be None (exact SVD) or an int >= 0 "
+                             f"(power iterations of the randomized SVD, e.g. niter=4)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+Config = PiSSAConfig
+
+
+def init(key: _keys.Key, W: Tensor, cfg: PiSSAConfig, stat=None) -> dict[str, Tensor]:
+    _keys.as_seed(key)  # validate the key even when the exact SVD does not use it
+    d_out, d_in = _checks.check_weight(W, "pissa.init")
+    _checks.check_rank(cfg.r, d_out, d_in, "pissa.init")
+    U, S, V = linalg.top_svd(W, cfg.r, niter=cfg.niter, key=key)  # fp32: (d_out, r), (r,), (d_in, r)
+    root = (S / cfg.scale).sqrt()  # √S'
+    A = (root[:, None] * V.T).to(W.dtype)  # (r, d_in)
+    B = (U * root).to(W.dtype)  # (d_out, r)
+    return {
+        "A": A.clone().requires_grad_(True),
+        "B": B.clone().requires_grad_(True),
+        "scale": torch.tensor(cfg.scale, dtype=W.dtype, device=W.device),
+        "A0": A,
+        "B0": B,
+    }
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "pissa.apply")
+    frozen = {"A": params["A0"], "B": params["B0"], "scale": params["scale"]}
+    return torch.nn.functional.linear(x, W, b) + (delta(params, x) - delta(frozen, x))
