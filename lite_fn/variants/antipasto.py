@@ -1,0 +1,194 @@
+"""AntiPaSTO — Clark 2026, arXiv 2601.07473 (reference implementation "antipasto3").
+
+    W = U S Vᵀ (fp32 SVD), r chosen dims:  U (d_out, r), S (r,), V (d_in, r)           frozen
+    per block b of size bs:  A_b = ½(P_b − P_bᵀ) from its bs(bs−1)/2 upper-triangle params,
+        A_b ← a·tanh(A_b / a),  a = 2·tan(θ_max / 2)       (soft clamp of the rotation angle)
+        X_b = α·A_b / 2,  R_b = (I − X_b)⁻¹ (I + X_b)      (Cayley: R(−α) = R(α)⁻¹, R(0) = I)
+    V' = V·blockdiag(R_v),  U' = U·blockdiag(R_u),  S' = S + α·δs
+    y = x Wᵀ + b + ((x V') ⊙ S') U'ᵀ − ((x V) ⊙ S) Uᵀ
+
+    delta_s (r,)                 4e-4 + 4e-4·N(0,1), truncated ±2σ;               trainable
+    rot_v / rot_u (n_blocks, bs(bs−1)/2)   1e-4·N(0,1), truncated ±2σ;             trainable
+    alpha ()      steering coefficient (lf.with_alpha sets it);                   frozen
+    max_angle ()  θ_max;                                                          frozen
+
+Identity at init: only at alpha = 0, and then bit-exactly for ANY params (see apply).
+The small random init breaks the ±alpha symmetry that stalls training from exactly zero.
+
+Computed on the r-wide projection h = x V only (no r×r, no d×d matrix): with K = R − I
+(blockwise, exactly 0 at α = 0) and g = h ⊙ S,
+    e = (h K_v) ⊙ S' + h ⊙ (α·δs)           = (x V') ⊙ S' − g
+    e ← e + (g + e) K_uᵀ                     (then (g + e) R_uᵀ − g = e)
+    y = x Wᵀ + b + e Uᵀ
+so the adapter term is built from differences that are exactly zero at α = 0 (no
+cancellation of two large terms, robust to TF32/bf16 matmuls), and y is x Wᵀ + b bit for bit.
+
+Defaults: r=16, rotate_v=True, rotate_u=False, alpha=1.0 as the reference; block_size=4
+(the reference rotates one dense r×r block; blocks keep rotations local and cheap);
+max_angle=0.5 rad (reference: π/3, whose own note says angles ≲ 0.3 keep Δy(+1) ≈ −Δy(−1);
+0.5 is a compromise). select="top" (top-r by S) or "data" (score_i = S_i · mean|x·v_i| over
+calibration inputs, best r kept in index order; needs a Stat, see ``stat``).
+Deviation: the reference keeps a dense residual W_res = W − U S Vᵀ; we keep W shared and
+subtract ((x V) ⊙ S) Uᵀ instead (same function, no dense copy).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from .. import _checks, _keys, linalg
+
+NAME = "antipasto"
+STEERING_LEAF = "alpha"
+
+
+@dataclass(frozen=True)
+class AntiPaSTOConfig:
+    r: int = 16
+    block_size: int = 4
+    max_angle: float = 0.5  # radians, soft clamp per Cayley block
+    rotate_v: bool = True
+    rotate_u: bool = False
+    select: str = "top"  # "top" | "data"
+    alpha: float = 1.0  # initial steering coefficient (a leaf; sweep it with lf.with_alpha)
+    variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        who = type(self).__name__
+        _checks.positive_int("r", self.r, who)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"{who}: block_size={self.block_size!r} must be an int >= 2 (a rotation block needs two dims; e.g. block_size=4)")
+        if self.r % self.block_size:
+            lo, hi = self.r // self.block_size * self.block_size, (self.r // self.block_size + 1) * self.block_size
+            valid = f"r={lo} or r={hi}" if lo else f"r={hi}"
+            raise ValueError(f"{who}: r={self.r} is not a multiple of block_size={self.block_size}; use {valid} (or a block_size dividing {self.r})")
+        _checks.finite_number("max_angle", self.max_angle, who)
+        if not 0.0 < self.max_angle < math.pi:
+            raise ValueError(f"{who}: max_angle={self.max_angle!r} must be in (0, π) radians (e.g. max_angle=0.5)")
+        _checks.one_of("select", self.select, {"top", "data"}, who)
+        if not (self.rotate_v or self.rotate_u):
+            raise ValueError(f"{who}: rotate_v=False and rotate_u=False leaves nothing to rotate; set rotate_v=True (the reference default) and/or rotate_u=True")
+        _checks.finite_number("alpha", self.alpha, who)
+
+
+Config = AntiPaSTOConfig
+
+
+class Stat:
+    """select="data": Σ_tokens |x · v_i| for every right singular vector v_i of W (float64), and the count."""
+
+    def __init__(self, W: Tensor):
+        self.d_in = W.shape[1]
+        self.share_key = None  # the statistic depends on W
+        self.tokens = 0
+        self.converged = False  # no early stop: every token moves the scores
+        self.V_full = _svd(W)[2].T.contiguous()  # (d_in, min(d_out, d_in)) fp32
+        self.abs_sum = torch.zeros(self.V_full.shape[1], dtype=torch.float64, device=W.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.V_full, self.abs_sum))
+
+    def update(self, x: Tensor) -> None:
+        who = "antipasto.Stat.update"
+        if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[-1] != self.d_in:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{who}: x has shape {shape} but the layer expects d_in={self.d_in}; pass inputs of shape (..., {self.d_in})")
+        X = x.detach().reshape(-1, self.d_in)
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError(f"{who}: x contains {int((~torch.isfinite(X)).sum())} NaN/inf entries; calibration inputs must be finite")
+        proj = X.to(self.V_full) @ self.V_full  # (tokens, k) per-token projections in fp32 ...
+        self.abs_sum = self.abs_sum + proj.abs().sum(0, dtype=torch.float64)  # ... summed in float64
+        self.tokens += X.shape[0]
+
+
+def stat(cfg: AntiPaSTOConfig, W: Tensor) -> Stat | None:
+    """The calibration statistic for select="data"; None for select="top" (no data needed)."""
+    _checks.check_weight(W, "antipasto.stat")
+    return Stat(W) if cfg.select == "data" else None
+
+
+def _svd(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.linalg.svd(W.detach().to(torch.float32), full_matrices=False)
+
+
+def _select(S: Tensor, cfg: AntiPaSTOConfig, st: Stat | None, d_in: int) -> Tensor:
+    """Indices of the r chosen singular dims, ascending."""
+    if cfg.select == "top":
+        return torch.arange(cfg.r, device=S.device)
+    who = "antipasto.init"
+    if st is None:
+        raise ValueError(f"{who}: select='data' is data-driven and got no calibration statistic; pass calibration data to lf.init / build one with antipasto.stat(cfg, W) and feed it with stat.update(x)")
+    if not isinstance(st, Stat):
+        raise TypeError(f"{who}: stat is not an AntiPaSTO select='data' statistic; build one with antipasto.stat(cfg, W) for this cfg and W")
+    if st.d_in != d_in or st.abs_sum.numel() != S.numel():
+        raise ValueError(f"{who}: stat was built for another weight shape (d_in={st.d_in}); build it with antipasto.stat(cfg, W) for this layer")
+    if st.tokens < cfg.r:
+        raise ValueError(f"{who}: calibration saw {st.tokens} tokens, fewer than r={cfg.r}; give more calibration data")
+    score = S.double() * st.abs_sum.to(S.device) / st.tokens  # S_i · mean |x · v_i|
+    return torch.topk(score, cfg.r).indices.sort().values
+
+
+def init(key: _keys.Key, W: Tensor, cfg: AntiPaSTOConfig, stat: Stat | None = None) -> dict[str, Tensor]:
+    who = "antipasto.init"
+    d_out, d_in = _checks.check_weight(W, who)
+    _checks.check_rank(cfg.r, d_out, d_in, who)
+    U, S, Vh = _svd(W)
+    idx = _select(S, cfg, stat, d_in)
+    n_blocks, n_params = cfg.r // cfg.block_size, cfg.block_size * (cfg.block_size - 1) // 2
+    k_s, k_v, k_u = _keys.split(key, 3)  # one key per leaf: toggling rotate_u leaves the others unchanged
+    opts = dict(dtype=W.dtype, device=W.device)
+    params = {
+        "U": U[:, idx].to(**opts),
+        "S": S[idx].to(**opts),
+        "V": Vh[idx].T.to(**opts),
+        "delta_s": linalg.truncated_normal(_keys.generator(k_s), (cfg.r,), std=4e-4, mean=4e-4).to(**opts).requires_grad_(True),
+    }
+    if cfg.rotate_v:
+        params["rot_v"] = linalg.truncated_normal(_keys.generator(k_v), (n_blocks, n_params), std=1e-4).to(**opts).requires_grad_(True)
+    if cfg.rotate_u:
+        params["rot_u"] = linalg.truncated_normal(_keys.generator(k_u), (n_blocks, n_params), std=1e-4).to(**opts).requires_grad_(True)
+    params["alpha"] = torch.tensor(cfg.alpha, **opts)
+    params["max_angle"] = torch.tensor(cfg.max_angle, **opts)
+    return params
+
+
+def rotation(p: Tensor, alpha: Tensor, max_angle: Tensor, bs: int) -> Tensor:
+    """Block Cayley rotations R (n_blocks, bs, bs) from upper-triangle params p (n_blocks, bs(bs−1)/2).
+
+    Computed in at least fp32 (torch has no half-precision solve).
+    """
+    dt = torch.promote_types(p.dtype, torch.float32)
+    A = linalg.skew_from_triu(p.to(dt), bs)
+    a = 2.0 * torch.tan(max_angle.to(dt) / 2.0)
+    A = a * torch.tanh(A / a)  # entrywise soft clamp (bs=2, |α| <= 1: the angle stays below max_angle)
+    return linalg.cayley(alpha.to(dt) * A / 2.0)
+
+
+def _rotation_step(p: Tensor, alpha: Tensor, max_angle: Tensor, bs: int, dtype: torch.dtype) -> Tensor:
+    """K = R − I: exactly 0 at α = 0 (R(0) = solve(I, I) = I bit for bit), cast to the compute dtype."""
+    R = rotation(p, alpha, max_angle, bs)
+    return (R - torch.eye(bs, dtype=R.dtype, device=R.device)).to(dtype)
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "antipasto.apply")
+    U, S, V, alpha = params["U"], params["S"], params["V"], params["alpha"]
+    ds = alpha * params["delta_s"]  # S' − S
+    h = einsum(x, V, "... i, i r -> ... r")  # x V, the only projection of x
+    g = h * S  # (x V) ⊙ S
+    e = h * ds  # grows into (x V') ⊙ S' − g
+    if "rot_v" in params:
+        p = params["rot_v"]
+        K_v = _rotation_step(p, alpha, params["max_angle"], S.shape[-1] // p.shape[-2], h.dtype)
+        e = e + linalg.block_rotate(h, K_v) * (S + ds)
+    if "rot_u" in params:
+        p = params["rot_u"]
+        K_u = _rotation_step(p, alpha, params["max_angle"], S.shape[-1] // p.shape[-2], h.dtype)
+        e = e + linalg.block_rotate(g + e, K_u.transpose(-1, -2))  # (g + e) R_uᵀ − g
+    return torch.nn.functional.linear(x, W, b) + einsum(e, U, "... r, o r -> ... o")
