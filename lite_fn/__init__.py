@@ -3,16 +3,30 @@
     import lite_fn as lf
     params = lf.init(0, model, lf.LoRAConfig(r=8), targets=r"(q_proj|v_proj)$")
     out = lf.call(model, params, input_ids)          # == model(input_ids), adapted
+
+Only re-exports live here; each variant's math is in ``lite_fn/variants/<name>.py``.
 """
 from . import linalg, variants
 from ._keys import fold_in, split
 from .io import check_against, load, load_metadata, save
 from .runtime import call, combine, init, merge, partition, stack, target_paths, trainable, unstack, with_alpha
 from .variants import REGISTRY
+from .variants.antipasto import AntiPaSTOConfig
+from .variants.delora import DeLoRAConfig
+from .variants.dora import DoRAConfig
+from .variants.eva import EVAConfig
+from .variants.hra import HRAConfig
+from .variants.ia3 import IA3Config
+from .variants.ia3_ff import IA3FFConfig
+from .variants.lora import LoRAConfig
+from .variants.pissa import PiSSAConfig
+from .variants.road import ROADConfig
 
 __version__ = "0.1.0"
 
-# One frozen config dataclass per variant, re-exported by its class name (LoRAConfig, DoRAConfig, …).
-for _mod in REGISTRY.values():
-    for _cls in getattr(_mod, "CONFIGS", (_mod.Config,)):
-        globals()[_cls.__name__] = _cls
+__all__ = [
+    "init", "call", "stack", "unstack", "with_alpha", "merge", "save", "load", "load_metadata", "check_against",
+    "trainable", "partition", "combine", "target_paths", "fold_in", "split", "linalg", "variants", "REGISTRY",
+    "LoRAConfig", "DoRAConfig", "PiSSAConfig", "DeLoRAConfig", "EVAConfig", "HRAConfig", "IA3Config",
+    "IA3FFConfig", "ROADConfig", "AntiPaSTOConfig",
+]

@@ -4,7 +4,6 @@ Adding a layer type is one entry here; nothing else in the runtime knows about l
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

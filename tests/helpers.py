@@ -1,7 +1,6 @@
 """Shared test helpers: params for a layer, perturbation of trainable leaves, relative error."""
 import torch
 
-import lite_fn as lf
 from lite_fn import variants
 
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch.func import vmap
 
-import lite_fn as lf
 from lite_fn import variants
 
 from cases import D_IN, D_OUT, all_cases, case_id

@@ -20,7 +20,6 @@ Not here: peft's dropout on the adapter input (apply is pure and deterministic).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,28 +28,16 @@ from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
-from .lora import delta, init_factors
+from .lora import LoRAConfig, delta, init_factors
 
 NAME = "dora"
 
 
 @dataclass(frozen=True)
-class DoRAConfig:
-    r: int = 8
-    alpha: float = 16.0
-    use_rslora: bool = False
-    init: str = "kaiming"  # "kaiming" (peft default) | "gaussian"
+class DoRAConfig(LoRAConfig):
+    """LoRA's fields (r, alpha, use_rslora, init) and scale; only the variant differs."""
+
     variant_name: ClassVar[str] = NAME
-
-    def __post_init__(self):
-        who = type(self).__name__
-        _checks.positive_int("r", self.r, who)
-        _checks.finite_number("alpha", self.alpha, who)
-        _checks.one_of("init", self.init, {"kaiming", "gaussian"}, who)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 Config = DoRAConfig
