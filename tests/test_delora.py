@@ -2,24 +2,19 @@
 import peft
 import pytest
 import torch
-from torch import nn
 
 import lite_fn as lf
 from lite_fn import variants
 from lite_fn.variants import delora
 
-from helpers import make_layer, rel_err
+from helpers import (assert_config_refused, assert_matches_reference, assert_rank_above_min_dim_refused, make_layer,
+                     peft_linear, rel_err)
 
 D_OUT, D_IN = 20, 12
 
 
 def _peft_layer(cfg, W, b):
-    net = nn.Sequential(nn.Linear(W.shape[1], W.shape[0]))
-    with torch.no_grad():
-        net[0].weight.copy_(W)
-        net[0].bias.copy_(b)
-    pcfg = peft.DeloraConfig(r=cfg.r, delora_lambda=cfg.lam, target_modules=["0"])
-    return peft.get_peft_model(net, pcfg).base_model.model[0]
+    return peft_linear(W, b, peft.DeloraConfig, r=cfg.r, delora_lambda=cfg.lam)
 
 
 def _randomised(layer, seed, zero_b_col=False):
@@ -57,15 +52,10 @@ def test_peft_parity_outputs_and_grads(zero_b_col):
     A, B, lam = _randomised(layer, seed=4, zero_b_col=zero_b_col)
     p = _ours_from(A, B, lam, layer.delora_w_norm["default"])
     x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(5))
-    x_ref, x_our = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_ref, y_our = layer(x_ref), delora.apply(p, W, x_our, b)
-    assert rel_err(y_our, y_ref) <= 1e-5, rel_err(y_our, y_ref)
+    leaves = [("A", p["A"], A), ("B", p["B"], B), ("lam", p["lam"], lam)]
+    _, y_our = assert_matches_reference(layer, lambda h: delora.apply(p, W, h, b), x, leaves, cotangent=6,
+                                        to_ours=lambda name, g: g.reshape(p[name].shape))  # peft's λ is (1,), ours ()
     assert rel_err(y_our, _dense_reference(p, W, b, x)[0]) <= 1e-5
-    cot = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(6))
-    g_ref = torch.autograd.grad((y_ref * cot).sum(), [A, B, lam, x_ref])
-    g_our = torch.autograd.grad((y_our * cot).sum(), [p["A"], p["B"], p["lam"], x_our])
-    for name, go, gr in zip(("A", "B", "lam", "x"), g_our, g_ref):
-        assert rel_err(go.reshape(gr.shape), gr) <= 1e-4, (name, rel_err(go.reshape(gr.shape), gr))
 
 
 def test_init_matches_peft():
@@ -139,11 +129,8 @@ def test_lam_zero_really_kills_every_gradient():
     (dict(lam="15"), "lam='15' must be a finite number"),
 ])
 def test_bad_config(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        lf.DeLoRAConfig(**kwargs)
+    assert_config_refused(lf.DeLoRAConfig, kwargs, match)
 
 
 def test_rank_too_large():
-    W, _ = make_layer(D_OUT, D_IN)
-    with pytest.raises(ValueError, match=f"r=13 exceeds min\\(d_out, d_in\\)={D_IN}"):
-        delora.init(0, W, lf.DeLoRAConfig(r=13))
+    assert_rank_above_min_dim_refused(delora, lf.DeLoRAConfig, D_OUT, D_IN)

@@ -2,27 +2,20 @@
 import peft
 import pytest
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import lite_fn as lf
 from lite_fn.variants import dora
 
-from helpers import make_layer, rel_err
+from helpers import (NewTensorSizes, assert_config_refused, assert_matches_reference, assert_rank_above_min_dim_refused,
+                     make_layer, peft_linear, rel_err)
 
 D_OUT, D_IN = 20, 12
 
 
 def _peft_layer(cfg, W, b):
     """A peft LoRA-DoRA layer around an nn.Linear holding copies of W and b."""
-    net = nn.Sequential(nn.Linear(W.shape[1], W.shape[0]))
-    with torch.no_grad():
-        net[0].weight.copy_(W)
-        net[0].bias.copy_(b)
-    pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, use_dora=True,
-                           target_modules=["0"], lora_dropout=0.0)
-    return peft.get_peft_model(net, pcfg).base_model.model[0]
+    return peft_linear(W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, use_dora=True,
+                       lora_dropout=0.0)
 
 
 def _randomised(layer, seed):
@@ -50,14 +43,8 @@ def test_peft_parity_outputs_and_grads(cfg):
     p = _ours_from(A, B, m, cfg.scale)
     assert float(p["scale"]) == pytest.approx(layer.scaling["default"], rel=1e-7)
     x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(5))
-    x_ref, x_our = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_ref, y_our = layer(x_ref), dora.apply(p, W, x_our, b)
-    assert rel_err(y_our, y_ref) <= 1e-5, rel_err(y_our, y_ref)
-    cot = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(6))
-    g_ref = torch.autograd.grad((y_ref * cot).sum(), [A, B, m, x_ref])
-    g_our = torch.autograd.grad((y_our * cot).sum(), [p["A"], p["B"], p["m"], x_our])
-    for name, go, gr in zip(("A", "B", "m", "x"), g_our, g_ref):
-        assert rel_err(go, gr) <= 1e-4, (name, rel_err(go, gr))
+    leaves = [("A", p["A"], A), ("B", p["B"], B), ("m", p["m"], m)]
+    assert_matches_reference(layer, lambda h: dora.apply(p, W, h, b), x, leaves, cotangent=6)
 
 
 def test_init_matches_peft():
@@ -132,28 +119,12 @@ def test_functorch_grad_equals_autograd():
         assert rel_err(g_func[k], ga) <= 1e-6, k
 
 
-class _Sizes(TorchDispatchMode):
-    """Record the number of elements of every new (non-view) tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):  # views (detach, transpose) share an input's storage: no new memory
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.numels.append(t.numel())
-        return out
-
-
 def test_apply_never_builds_a_dense_update():
     W, b = make_layer(64, 48)
     p = dora.init(0, W, lf.DoRAConfig(r=4, alpha=8))
     p = {**p, "B": torch.randn(64, 4)}
     x = torch.randn(5, 48)
-    with _Sizes() as rec:
+    with NewTensorSizes() as rec:
         dora.apply(p, W, x, b)
     assert max(rec.numels) < 64 * 48 // 4, max(rec.numels)  # largest: (5, 64) outputs, (64, 4) pieces
 
@@ -178,11 +149,8 @@ def test_bias_passes_through_unscaled():
     (dict(init="orthogonal"), "init='orthogonal' is not one of"),
 ])
 def test_bad_config(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        lf.DoRAConfig(**kwargs)
+    assert_config_refused(lf.DoRAConfig, kwargs, match)
 
 
 def test_rank_too_large():
-    W, _ = make_layer(D_OUT, D_IN)
-    with pytest.raises(ValueError, match=f"r=13 exceeds min\\(d_out, d_in\\)={D_IN}"):
-        dora.init(0, W, lf.DoRAConfig(r=13))
+    assert_rank_above_min_dim_refused(dora, lf.DoRAConfig, D_OUT, D_IN)

@@ -9,7 +9,7 @@ from torch import nn
 import lite_fn as lf
 from lite_fn.variants import eva
 
-from helpers import rel_err
+from helpers import assert_config_refused, assert_matches_reference, assert_stat_refuses_bad_batches, rel_err
 
 D = 16
 
@@ -199,16 +199,9 @@ def test_apply_and_grads_match_peft_lora_forward(peft_eva):
         for leaf in "AB":
             p[leaf] = getattr(module, f"lora_{leaf}")["default"].weight.detach().clone().requires_grad_(True)
         x = torch.randn(3, 5, D, generator=g)
-        x_ours, x_peft = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        y_ours = eva.apply(p, lin.weight.detach(), x_ours, lin.bias.detach())
-        y_peft = module(x_peft)
-        assert rel_err(y_ours, y_peft) <= 1e-5, name
-        w = torch.randn(y_ours.shape, generator=g)
-        g_ours = torch.autograd.grad((y_ours * w).sum(), [p["A"], p["B"], x_ours])
-        A_p, B_p = module.lora_A["default"].weight, module.lora_B["default"].weight
-        g_peft = torch.autograd.grad((y_peft * w).sum(), [A_p, B_p, x_peft])
-        for a, b in zip(g_ours, g_peft):
-            assert rel_err(a, b) <= 1e-4, name
+        leaves = [(leaf, p[leaf], getattr(module, f"lora_{leaf}")["default"].weight) for leaf in "AB"]
+        assert_matches_reference(module, lambda h: eva.apply(p, lin.weight.detach(), h, lin.bias.detach()), x, leaves,
+                                 cotangent=g, tag=(name,))  # the cotangent is the next draw from g
 
 
 # --------------------------------------------------------------------------- convergence (tau)
@@ -297,13 +290,9 @@ def test_init_errors_name_the_fix():
 
 def test_update_errors():
     st = eva.stat(lf.EVAConfig(r=4), torch.zeros(8, D))
-    with pytest.raises(ValueError, match=f"expects d_in={D}"):
-        st.update(torch.randn(5, D + 1))
-    bad = torch.randn(5, D)
+    wide, bad = torch.randn(5, D + 1), torch.randn(5, D)
     bad[1, 2] = float("inf")
-    with pytest.raises(ValueError, match="1 NaN/inf"):
-        st.update(bad)
-    assert st.tokens == 0
+    assert_stat_refuses_bad_batches(st, D, wide, bad)
 
 
 def test_plan_errors():
@@ -324,5 +313,4 @@ def test_plan_errors():
     (dict(rho=float("inf")), r"rho=inf must be a finite number"),
 ])
 def test_bad_config_values(kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        lf.EVAConfig(**kw)
+    assert_config_refused(lf.EVAConfig, kw, msg)

@@ -2,29 +2,36 @@
 import peft
 import pytest
 import torch
-from torch import nn
 
 import lite_fn as lf
 from lite_fn.variants import pissa
 
-from helpers import make_layer, rel_err
+from helpers import (assert_config_refused, assert_matches_reference, assert_rank_above_min_dim_refused, make_layer,
+                     peft_linear, rel_err)
 
 D_OUT, D_IN = 20, 12
 
 
 def _peft_layer(cfg, W, b, init="pissa"):
     """peft's PiSSA on an nn.Linear holding copies of W and b (peft overwrites that weight with the residual)."""
-    net = nn.Sequential(nn.Linear(W.shape[1], W.shape[0]))
-    with torch.no_grad():
-        net[0].weight.copy_(W)
-        net[0].bias.copy_(b)
-    pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, init_lora_weights=init,
-                           target_modules=["0"], lora_dropout=0.0)
-    return peft.get_peft_model(net, pcfg).base_model.model[0]
+    return peft_linear(W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora,
+                       init_lora_weights=init, lora_dropout=0.0)
 
 
 def _peft_AB(layer):
     return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+
+def _peft_and_ours(cfg):
+    """W, b (seed 3), peft's PiSSA layer for them and our init, both for cfg."""
+    W, b = make_layer(D_OUT, D_IN, seed=3)
+    layer = _peft_layer(cfg, W, b)
+    return W, b, layer, pissa.init(0, W, cfg)
+
+
+def _svd_signs(p, A_ref):
+    """Per component, ±1 from peft's A to ours: SVD fixes each pair (u_i, v_i) only up to ±."""
+    return torch.sign((p["A"] * A_ref).sum(1)).detach()
 
 
 def _gapped(seed=0, top=(8.0, 6.0, 5.0, 4.0)):
@@ -41,13 +48,11 @@ CFGS = [lf.PiSSAConfig(r=4, alpha=8), lf.PiSSAConfig(r=4, alpha=6), lf.PiSSAConf
 
 @pytest.mark.parametrize("cfg", CFGS, ids=str)
 def test_init_matches_peft_up_to_svd_signs(cfg):
-    W, b = make_layer(D_OUT, D_IN, seed=3)
-    layer = _peft_layer(cfg, W, b)
+    W, b, layer, p = _peft_and_ours(cfg)
     A_ref, B_ref = _peft_AB(layer)
-    p = pissa.init(0, W, cfg)
     assert float(p["scale"]) == pytest.approx(layer.scaling["default"], rel=1e-7)
     assert rel_err(p["B"] @ p["A"], B_ref @ A_ref) <= 1e-5
-    sign = torch.sign((p["A"] * A_ref).sum(1))  # per component: SVD fixes each pair (u_i, v_i) only up to ±
+    sign = _svd_signs(p, A_ref)
     assert rel_err(p["A"] * sign[:, None], A_ref) <= 1e-5
     assert rel_err(p["B"] * sign, B_ref) <= 1e-5
     # peft's residual base weight is our W − s·B₀A₀ (we keep W and subtract the frozen branch)
@@ -67,11 +72,9 @@ def test_leaves_and_identity():
 @pytest.mark.parametrize("cfg", CFGS, ids=str)
 def test_forward_and_grads_match_peft_residual_model(cfg):
     """peft: x W_resᵀ + b + s·xAᵀBᵀ with W_res = W − s·B₀A₀ overwritten; ours keeps W. Same output, same grads."""
-    W, b = make_layer(D_OUT, D_IN, seed=3)
-    layer = _peft_layer(cfg, W, b)
+    W, b, layer, p = _peft_and_ours(cfg)
     A_ref, B_ref = _peft_AB(layer)
-    p = pissa.init(0, W, cfg)
-    sign = torch.sign((p["A"] * A_ref).sum(1)).detach()
+    sign = _svd_signs(p, A_ref)
     x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(5))
     for step in range(2):  # at init, then after moving A and B the same way in both
         if step:
@@ -82,17 +85,11 @@ def test_forward_and_grads_match_peft_residual_model(cfg):
                 B_ref.add_(dB)
             p = {**p, "A": (p["A"] + sign[:, None] * dA).detach().requires_grad_(True),
                  "B": (p["B"] + sign * dB).detach().requires_grad_(True)}
-        x_ref, x_our = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        y_ref, y_our = layer(x_ref), pissa.apply(p, W, x_our, b)
-        assert rel_err(y_our, y_ref) <= 1e-5, (step, rel_err(y_our, y_ref))
+        y_ref, _ = assert_matches_reference(layer, lambda h: pissa.apply(p, W, h, b), x,
+                                            [("A", p["A"], A_ref), ("B", p["B"], B_ref)], cotangent=7, tag=(step,),
+                                            to_ours=lambda name, g: g * (sign[:, None] if name == "A" else sign))
         if step:
             assert rel_err(y_ref, torch.nn.functional.linear(x, W, b)) > 1e-2  # really moved off the identity
-        cot = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7))
-        gA, gB, gx = torch.autograd.grad((y_ref * cot).sum(), [A_ref, B_ref, x_ref])
-        oA, oB, ox = torch.autograd.grad((y_our * cot).sum(), [p["A"], p["B"], x_our])
-        assert rel_err(oA * sign[:, None], gA) <= 1e-4, (step, rel_err(oA * sign[:, None], gA))
-        assert rel_err(oB * sign, gB) <= 1e-4, (step, rel_err(oB * sign, gB))
-        assert rel_err(ox, gx) <= 1e-4, (step, rel_err(ox, gx))
 
 
 @pytest.mark.parametrize("r,alpha,rs", [(4, 4.0, False), (4, 12.0, False), (4, 1.0, False), (3, 7.0, True)])
@@ -146,13 +143,11 @@ def test_key_matters_only_for_randomized_svd():
     (dict(niter=True), "niter=True must be None"),
 ])
 def test_bad_config(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        lf.PiSSAConfig(**kwargs)
+    assert_config_refused(lf.PiSSAConfig, kwargs, match)
 
 
 def test_rank_too_large_and_bad_key():
+    assert_rank_above_min_dim_refused(pissa, lf.PiSSAConfig, D_OUT, D_IN)
     W, _ = make_layer(D_OUT, D_IN)
-    with pytest.raises(ValueError, match=f"r=13 exceeds min\\(d_out, d_in\\)={D_IN}"):
-        pissa.init(0, W, lf.PiSSAConfig(r=13))
     with pytest.raises(TypeError, match="not a key"):
         pissa.init(0.5, W, lf.PiSSAConfig(r=4))

@@ -16,6 +16,13 @@ def x_in(dtype=torch.float32, seed=5, n=(3, 7)):
     return torch.randn(*n, D_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+def perturbed_layer(case, seed):
+    """The case's variant module, a (D_OUT, D_IN) layer W, b, and its params moved off init (steering leaf at 1)."""
+    name, cfg = case
+    W, b = make_layer(D_OUT, D_IN)
+    return variants.get(name), W, b, with_steering(name, perturb(layer_params(name, cfg, W), seed=seed), 1.0)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_identity_at_init(case):
     name, cfg = case
@@ -79,10 +86,7 @@ def test_vmap_equals_loop(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_gradients_reach_trainable_leaves_only(case):
-    name, cfg = case
-    mod = variants.get(name)
-    W, b = make_layer(D_OUT, D_IN)
-    p = with_steering(name, perturb(layer_params(name, cfg, W), seed=1), 1.0)
+    mod, W, b, p = perturbed_layer(case, seed=1)
     trainable = [k for k, v in p.items() if v.requires_grad]
     assert trainable, "a variant with nothing to train"
     loss = mod.apply(p, W, x_in(), b).pow(2).sum()
@@ -96,10 +100,7 @@ def test_gradients_reach_trainable_leaves_only(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_merge_equals_apply(case):
-    name, cfg = case
-    mod = variants.get(name)
-    W, b = make_layer(D_OUT, D_IN)
-    p = with_steering(name, perturb(layer_params(name, cfg, W), seed=2), 1.0)
+    mod, W, b, p = perturbed_layer(case, seed=2)
     for bias in (b, None):
         Wm, bm = variants.merge(mod, p, W, bias)
         y = mod.apply(p, W, x_in(), bias)
@@ -109,9 +110,7 @@ def test_merge_equals_apply(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bf16_close_to_fp32(case):
     name, cfg = case
-    mod = variants.get(name)
-    W, b = make_layer(D_OUT, D_IN)
-    p32 = with_steering(name, perturb(layer_params(name, cfg, W), seed=4), 1.0)
+    mod, W, b, p32 = perturbed_layer(case, seed=4)
     p16 = {k: v.detach().to(torch.bfloat16) for k, v in p32.items()}
     y16 = mod.apply(p16, W.bfloat16(), x_in().bfloat16(), b.bfloat16())
     y32 = mod.apply(p32, W, x_in(), b)
@@ -164,10 +163,7 @@ def test_compiles_without_graph_breaks(case):
     """A loss + torch.func.grad over apply traces with fullgraph=True (dynamo only: backend="eager")."""
     import torch._dynamo
 
-    name, cfg = case
-    mod = variants.get(name)
-    W, b = make_layer(D_OUT, D_IN)
-    p = with_steering(name, perturb(layer_params(name, cfg, W), seed=6), 1.0)
+    mod, W, b, p = perturbed_layer(case, seed=6)
     train = {k: v for k, v in p.items() if v.requires_grad}
     frozen = {k: v for k, v in p.items() if not v.requires_grad}
 
