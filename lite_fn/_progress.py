@@ -10,6 +10,7 @@ class Progress:
         self.desc, self.total, self.n = desc, total, 0
         self.enabled, self.stream = enabled, stream or sys.stderr
         self.t0 = self._last = time.perf_counter()
+        self._drawn_at = -1  # self.n at the last draw, so close() never repeats a finished line
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def update(self, n: int = 1, **info) -> None:
@@ -21,10 +22,11 @@ class Progress:
         self._draw(info, end="\r" if self.tty else "\n")
 
     def close(self, **info) -> None:
-        if self.enabled:
+        if self.enabled and (self.tty or self._drawn_at != self.n):
             self._draw(info, end="\n")
 
     def _draw(self, info, end):
+        self._drawn_at = self.n
         el = time.perf_counter() - self.t0
         extra = " ".join(f"{k}={v}" for k, v in info.items())
         if self.total:
