@@ -88,12 +88,20 @@ def block_rotate(h: Tensor, R: Tensor) -> Tensor:
 
 
 def householder_chain(x: Tensor, U: Tensor) -> Tensor:
-    """x H_{r−1} ⋯ H_0 with H_i = I − 2 u_i u_iᵀ / ‖u_i‖²: reflections applied to x, O(r·d) per token.
+    """x H_{r−1} ⋯ H_0 with H_i = I − 2 û_i û_iᵀ (û_i = u_i / ‖u_i‖): x · (H_0 ⋯ H_{r−1})ᵀ.
 
-    x: (..., d), U: (r, d). Reflection r−1 acts first, so x·(that) = x · (H_0 ⋯ H_{r−1})ᵀ.
+    x: (..., d), U: (r, d). Compact "UT" form of the product (Joffrain, Low, Quintana-Ortí,
+    van de Geijn & Van Zee 2006): H_0 ⋯ H_{r−1} = I − Û T⁻¹ Ûᵀ with T = ½ I + striu(ÛᵀÛ)
+    (upper triangular, r×r), so
+        x (H_0 ⋯ H_{r−1})ᵀ = x − ((x Û) T⁻ᵀ) Ûᵀ
+    — two rank-r products per token instead of r sequential passes over x, and never a d×d matrix.
+    The r×r solve runs in at least fp32 (no half-precision triangular solve in torch).
     """
-    Un = U / torch.linalg.vector_norm(U, dim=-1, keepdim=True)
-    for i in range(U.shape[0] - 1, -1, -1):
-        u = Un[i]
-        x = x - 2.0 * (x @ u)[..., None] * u
-    return x
+    Un = U / torch.linalg.vector_norm(U, dim=-1, keepdim=True)  # (r, d) rows û_i
+    dt = torch.promote_types(U.dtype, torch.float32)
+    G = (Un @ Un.T).to(dt)  # (r, r) Gram matrix ÛᵀÛ in column convention
+    eye = torch.eye(U.shape[0], dtype=dt, device=U.device)
+    T = 0.5 * eye + torch.triu(G, diagonal=1)
+    Tinv = torch.linalg.solve_triangular(T, eye, upper=True).to(x.dtype)  # T⁻¹ (r, r)
+    h = torch.nn.functional.linear(x, Un)  # (..., r)  x Û
+    return x - torch.nn.functional.linear(torch.nn.functional.linear(h, Tinv), Un.T)  # F.linear(h, T⁻¹) = h T⁻ᵀ

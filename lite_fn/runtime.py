@@ -93,17 +93,18 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
 def _layer_entries(model: nn.Module, params: Params):
     if not isinstance(params, dict):
         raise TypeError(f"params must be the dict returned by lf.init ({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}")
-    modules = dict(model.named_modules())
     entries = []
     for path, by_variant in params.items():
-        if path not in modules:
-            near = [p for p in modules if p.split(".")[-1] == path.split(".")[-1]][:3]
-            raise KeyError(f"params path {path!r} is not a module of {type(model).__name__}" + (f"; similar paths: {near}" if near else ""))
+        try:
+            module = model.get_submodule(path)  # per path: no walk over the whole model each call
+        except AttributeError:
+            near = [p for p, _ in model.named_modules() if p.split(".")[-1] == path.split(".")[-1]][:3]
+            raise KeyError(f"params path {path!r} is not a module of {type(model).__name__}" + (f"; similar paths: {near}" if near else "")) from None
         if not isinstance(by_variant, dict) or len(by_variant) != 1:
             raise ValueError(f"params[{path!r}] must hold exactly one variant, got {list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}")
         (name, leaves), = by_variant.items()
-        _layers.weight_bias(modules[path], path)  # TypeError for an unsupported layer
-        entries.append((path, modules[path], variants.get(name), leaves))
+        _layers.weight_bias(module, path)  # TypeError for an unsupported layer
+        entries.append((path, module, variants.get(name), leaves))
     return entries
 
 

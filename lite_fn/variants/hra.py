@@ -8,7 +8,8 @@
         is r/2, so U(±1/√(r/2)); each vector repeated twice in a row (u_0 = u_1, u_2 = u_3, …).
 
 Identity at init: H_{2k} H_{2k+1} = H² = I for each repeated pair, so R = I (up to rounding).
-The reflections act on x one at a time (linalg.householder_chain), O(r·d_in) per token.
+The reflections act on x in compact UT form (linalg.householder_chain): x − ((x Û) T⁻ᵀ) Ûᵀ,
+two rank-r products per token, O(r·d_in), instead of r sequential passes over x.
 Odd r is rejected: peft warns and falls back to a random (non-identity) init; here it is an error.
 r > d_in is rejected: any d_in × d_in orthogonal matrix is a product of at most d_in reflections.
 Not here: peft's apply_GS=True (Gram-Schmidt). It gives R = I − 2QQᵀ (Q the orthonormalised u's),
