@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
@@ -180,7 +179,7 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     _checks.check_input(x, W, "antipasto.apply")
     U, S, V, alpha = params["U"], params["S"], params["V"], params["alpha"]
     ds = alpha * params["delta_s"]  # S' − S
-    h = einsum(x, V, "... i, i r -> ... r")  # x V, the only projection of x
+    h = x @ V  # (..., r)  x V, the only projection of x
     g = h * S  # (x V) ⊙ S
     e = h * ds  # grows into (x V') ⊙ S' − g
     if "rot_v" in params:
@@ -191,4 +190,4 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
         p = params["rot_u"]
         K_u = _rotation_step(p, alpha, params["max_angle"], S.shape[-1] // p.shape[-2], h.dtype)
         e = e + linalg.block_rotate(g + e, K_u.transpose(-1, -2))  # (g + e) R_uᵀ − g
-    return torch.nn.functional.linear(x, W, b) + einsum(e, U, "... r, o r -> ... o")
+    return torch.nn.functional.linear(x, W, b) + torch.nn.functional.linear(e, U)  # + e Uᵀ
