@@ -1,0 +1,211 @@
+"""One training step (forward + backward + AdamW step) per variant: lite_fn vs peft, same model, same data.
+
+    .venv/bin/python benchmarks/bench_train_step.py            # the recorded setting
+    .venv/bin/python benchmarks/bench_train_step.py --quick    # smoke run, prints only
+
+Variants peft also has: LoRA, DoRA, DeLoRA, HRA, IA3 (+ IA3 feed-forward on down_proj), ROAD, PiSSA,
+each against its matching peft config. Plus HRA on one d×d Linear at d=1024, where peft builds a
+dense d×d rotation every forward and lite_fn applies the r reflections to x.
+Time: median of interleaved repeats. Memory: peak bytes torch's CPU allocator has live during one
+steady-state step above what was live before it (see RESULTS.md header).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+import _common as C
+import lite_fn as lf
+
+T_ALL = C.LLAMA_TARGETS
+
+
+def variants(r: int):
+    """name -> (lite params builder(model), peft config builder). Same targets on both sides."""
+    import peft
+
+    lo = dict(r=r, lora_alpha=2 * r, target_modules=T_ALL, lora_dropout=0.0)
+    ia3_re, ff_re = r"(k_proj|v_proj)$", r"down_proj$"
+    return {
+        "LoRA": (lambda m: lf.init(0, m, lf.LoRAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+                 lambda: peft.LoraConfig(**lo)),
+        "DoRA": (lambda m: lf.init(0, m, lf.DoRAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+                 lambda: peft.LoraConfig(**lo, use_dora=True)),
+        "DeLoRA": (lambda m: lf.init(0, m, lf.DeLoRAConfig(r=r, lam=15.0), targets=C.LLAMA_TARGETS_RE),
+                   lambda: peft.DeloraConfig(r=r, delora_lambda=15.0, target_modules=T_ALL)),
+        "HRA": (lambda m: lf.init(0, m, lf.HRAConfig(r=r), targets=C.LLAMA_TARGETS_RE),
+                lambda: peft.HRAConfig(r=r, target_modules=T_ALL)),
+        "IA3": (lambda m: {**lf.init(0, m, lf.IA3Config(), targets=ia3_re), **lf.init(0, m, lf.IA3FFConfig(), targets=ff_re)},
+                lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+        "ROAD": (lambda m: lf.init(0, m, lf.ROADConfig(variant="road_1", group_size=64), targets=C.LLAMA_TARGETS_RE),
+                 lambda: peft.RoadConfig(variant="road_1", group_size=64, target_modules=T_ALL)),
+        "PiSSA": (lambda m: lf.init(0, m, lf.PiSSAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+                  lambda: peft.LoraConfig(**lo, init_lora_weights="pissa")),
+    }
+
+
+def lite_step(model, params, loss_fn, lr=1e-4):
+    opt = torch.optim.AdamW(lf.trainable(params), lr=lr)
+
+    def step():
+        loss = loss_fn(lambda *a, **k: lf.call(model, params, *a, **k))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def peft_step(pm, loss_fn, lr=1e-4):
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+
+    def step():
+        loss = loss_fn(pm)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def limit_step(model, x):
+    """The frozen base model's forward + backward down to the input embeddings: the least work
+    any adapter's train step has to do (no adapter, no optimizer)."""
+    emb = model.get_input_embeddings()
+
+    def step():
+        h = emb(x).detach().requires_grad_(True)
+        model(inputs_embeds=h, labels=x).loss.backward()
+    return step
+
+
+def measure(fns: dict, repeats: int):
+    t = C.interleaved(fns, repeats)  # includes one warm-up call each (AdamW state then exists)
+    mem = {n: C.peak_step_bytes(f) for n, f in fns.items()}
+    return {n: t[n].median for n in fns}, mem
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d: int, seed: int = 0):
+        super().__init__()
+        g = torch.random.fork_rng()
+        with g:
+            torch.manual_seed(seed)
+            self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def main():
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="*", default=None, help="subset of variants (names as in the table)")
+    args = C.finish_args(p.parse_args(), default_repeats=7)
+    B, T = (2, 16) if args.quick else (4, 64)
+    hidden, layers = (128, 2) if args.quick else (256, 4)
+    d_big, n_big = (256, 64) if args.quick else (1024, 512)
+    r = 8
+    C.banner("bench_train_step", args)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from peft import HRAConfig, get_peft_model
+
+    base = C.llama(hidden=hidden, layers=layers, attn="sdpa")
+    base.train()  # no dropout in this config; same mode on both sides
+    for q in base.parameters():
+        q.requires_grad_(False)
+    x = C.tokens(B, T, base.config.vocab_size)
+
+    def lm_loss(f):
+        return f(x, labels=x).loss
+
+    tab = C.Table(["variant", "limit ms", "lite_fn ms", "peft ms", "lite/peft time", "lite/limit",
+                   "lite_fn peak", "peft peak", "lite/peft mem", "goal"])
+    bars = {}
+    for name, (make_lite, make_peft) in variants(r).items():
+        if args.only and name not in args.only:
+            continue
+        print(f"  {name}", flush=True)
+        lite_model = base  # untouched: lite_fn never modifies it
+        params = make_lite(lite_model)
+        pm = get_peft_model(copy.deepcopy(base), make_peft())
+        pm.train()
+        fns = {"limit": limit_step(base, x), "lite_fn": lite_step(lite_model, params, lm_loss), "peft": peft_step(pm, lm_loss)}
+        t, mem = measure(fns, args.repeats)
+        g = C.goal(t["lite_fn"] / t["peft"], "<=", 0.8) if name == "DoRA" else ""
+        tab.add(name, C.ms(t["limit"]), C.ms(t["lite_fn"]), C.ms(t["peft"]), C.ratio(t["lite_fn"] / t["peft"]),
+                C.ratio(t["lite_fn"] / t["limit"]), C.fmt_bytes(mem["lite_fn"]), C.fmt_bytes(mem["peft"]),
+                C.ratio(mem["lite_fn"] / mem["peft"]), g)
+        bars[name] = (t["lite_fn"] / t["peft"], mem["lite_fn"] / mem["peft"])
+        del pm, params
+
+    # HRA on one big square Linear: peft materialises d×d per forward
+    if not args.only or "HRA d=1024" in args.only or "HRA" in args.only:
+        print(f"  HRA d={d_big}", flush=True)
+        net = OneLinear(d_big)
+        for q in net.parameters():
+            q.requires_grad_(False)
+        xb = torch.randn(n_big, d_big, generator=torch.Generator().manual_seed(1))
+
+        def sq_loss(f):
+            return f(xb).square().mean()
+
+        params = lf.init(0, net, lf.HRAConfig(r=r), targets=r"^proj$")
+        pm = get_peft_model(copy.deepcopy(net), HRAConfig(r=r, target_modules=["proj"]))
+        pm.train()
+
+        def limit():
+            xx = xb.detach().requires_grad_(True)  # backward to the input, like the Llama limit
+            net(xx).square().mean().backward()
+        fns = {"limit": limit, "lite_fn": lite_step(net, params, sq_loss), "peft": peft_step(pm, sq_loss)}
+        t, mem = measure(fns, args.repeats)
+        speed = t["peft"] / t["lite_fn"]
+        name = f"HRA d={d_big} (one Linear, {n_big} rows)"
+        tab.add(name, C.ms(t["limit"]), C.ms(t["lite_fn"]), C.ms(t["peft"]), C.ratio(t["lite_fn"] / t["peft"]),
+                C.ratio(t["lite_fn"] / t["limit"]), C.fmt_bytes(mem["lite_fn"]), C.fmt_bytes(mem["peft"]),
+                C.ratio(mem["lite_fn"] / mem["peft"]), "peft/lite " + C.goal(speed, ">=", 3.0))
+        bars[f"HRA d={d_big}"] = (t["lite_fn"] / t["peft"], mem["lite_fn"] / mem["peft"])
+
+    tab.print("Train step (forward + backward + AdamW), median ms and peak step memory")
+    body = f"""
+Model: {C.model_desc(base)}; batch {B}×{T} tokens, causal-LM loss; base weights frozen on both sides.
+r={r} (alpha=2r) for the low-rank variants, on every linear layer of the blocks ({', '.join(T_ALL)});
+IA3 on k_proj, v_proj (output-side) and down_proj (feed-forward, input-side) as peft's Llama default;
+ROAD road_1 with group size 64 (so the intermediate width is 704 = 11·64). peft configs: LoraConfig,
+LoraConfig(use_dora=True), DeloraConfig, HRAConfig, IA3Config, RoadConfig, LoraConfig(init_lora_weights="pissa").
+Median of {args.repeats} interleaved repeats (limit, lite_fn and peft alternate), after one warm-up step each.
+
+- **limit**: the frozen base model's forward + backward down to the input embeddings, no adapter and no
+  optimizer: the least work any adapter train step must do.
+- **peak**: the highest number of bytes torch's CPU allocator had live during one steady-state step,
+  above what was live when the step began (weights, adapter params, AdamW state); measured with
+  `torch.profiler` (`profile_memory=True`), whose allocation events carry the allocator's running total.
+  It counts activations saved for backward, gradients and temporaries; RSS is not used because the
+  allocator's caching makes RSS deltas depend on what ran before.
+- PiSSA: peft rewrites W into the residual W − s·B₀A₀ in place; lite_fn leaves W untouched and
+  subtracts the frozen initial factors' branch instead (SPEC §2), so it runs two rank-r branches.
+- Goals: DoRA lite/peft time ≤ 0.8; HRA at d={d_big}: lite_fn ≥ 3x faster than peft.
+
+{tab.markdown()}
+"""
+    png = None
+    if args.write:
+        plt = C.pyplot()
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        names = list(bars)
+        xs = range(len(names))
+        ax.bar([i - 0.2 for i in xs], [bars[n][0] for n in names], width=0.4, label="time lite_fn/peft")
+        ax.bar([i + 0.2 for i in xs], [bars[n][1] for n in names], width=0.4, label="peak memory lite_fn/peft")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("lite_fn / peft (lower = lite_fn better)")
+        ax.set_title("One train step: lite_fn relative to peft")
+        ax.legend(fontsize=8)
+        png = C.save_plot(fig, "bench_train_step", args)
+    C.write_section("bench_train_step", "Train step per variant (bench_train_step.py)", body, args, png)
+
+
+if __name__ == "__main__":
+    main()
