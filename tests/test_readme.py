@@ -7,6 +7,10 @@ README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
 
 
+def test_every_block_is_checked():
+    assert BLOCKS and all(lang in ("python", "bash") for lang, _ in BLOCKS), [lang for lang, _ in BLOCKS]
+
+
 def test_python_blocks_run_in_order(capsys):
     namespace = {"__name__": "__readme__"}
     python = [code for lang, code in BLOCKS if lang == "python"]
