@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
@@ -46,10 +45,10 @@ Config = DoRAConfig
 def weight_norm(W: Tensor, A: Tensor, B: Tensor, scale: Tensor) -> Tensor:
     """‖W + s·BA‖_row (d_out,), detached, from (d_out, r) and (r, r) pieces only."""
     W, A, B, scale = W.detach(), A.detach(), B.detach(), scale.detach()
-    WA = einsum(W, A, "o i, r i -> o r")  # (d_out, r)
-    AA = einsum(A, A, "r i, q i -> r q")  # (r, r)
-    cross = einsum(B, WA, "o r, o r -> o")  # Σ_r B_or (W Aᵀ)_or = ⟨W_o, (BA)_o⟩
-    square = einsum(B @ AA, B, "o q, o q -> o")  # B_o (A Aᵀ) B_oᵀ = ‖(BA)_o‖²
+    WA = W @ A.T  # (d_out, r)
+    AA = A @ A.T  # (r, r)
+    cross = (B * WA).sum(-1)  # Σ_r B_or (W Aᵀ)_or = ⟨W_o, (BA)_o⟩, (d_out,)
+    square = ((B @ AA) * B).sum(-1)  # B_o (A Aᵀ) B_oᵀ = ‖(BA)_o‖², (d_out,)
     n2 = linalg.row_norm(W).square() + 2.0 * scale * cross + scale.square() * square
     return n2.clamp_min(0.0).sqrt()
 
