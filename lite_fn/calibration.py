@@ -8,7 +8,6 @@ reports ``converged``.
 """
 from __future__ import annotations
 
-
 from collections.abc import Iterable
 
 import torch

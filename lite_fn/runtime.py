@@ -78,8 +78,9 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
         calib.collect(model, stats, calibration, progress=progress, max_batches=max_batches)
         if hasattr(mod, "plan"):
             cfgs = mod.plan(stats, cfgs)
-    elif calibration is not None and not hasattr(mod, "stat"):
-        raise ValueError(f"{type(cfg).__name__} does not use calibration data; drop calibration=… (or use a data-driven config)")
+    elif calibration is not None:  # never ignore data the caller thought was used
+        raise ValueError(f"{cfg!r} does not use calibration data; drop calibration=… (or use a data-driven config, "
+                         f"e.g. EVAConfig or AntiPaSTOConfig(select='data'))")
 
     out: Params = {}
     for p in paths:

@@ -80,6 +80,9 @@ def test_too_few_tokens_and_nan_raise_clearly():
         lf.init(0, model, lf.EVAConfig(r=2), targets=QKV, calibration=[{"inputs_embeds": embeds}], progress=False)
     with pytest.raises(ValueError, match="calibration"):
         lf.init(0, model, lf.EVAConfig(r=2), targets=QKV)
+    for cfg in (lf.LoRAConfig(r=2), lf.AntiPaSTOConfig(r=8, block_size=4)):  # data given, none used: refuse
+        with pytest.raises(ValueError, match="does not use calibration data"):
+            lf.init(0, model, cfg, targets=QKV, calibration=[tokens(1, 8)], progress=False)
     with pytest.raises(ValueError, match="empty"):
         lf.init(0, model, lf.EVAConfig(r=2), targets=QKV, calibration=[], progress=False)
 
