@@ -28,6 +28,16 @@ def check_input(x: torch.Tensor, W: torch.Tensor, who: str) -> None:
         raise ValueError(f"{who}: x has last dim {x.shape[-1]} but W of shape {tuple(W.shape)} expects d_in={W.shape[-1]}; pass x of shape (..., {W.shape[-1]})")
 
 
+def calibration_stat(st, stat_cls, r: int, who: str, what: str, build: str) -> None:
+    """A data-driven init got a statistic of the right kind (``what``) that saw at least r tokens."""
+    if st is None:
+        raise ValueError(f"{who}: {what} is data-driven and got no calibration statistic; pass calibration data to lf.init / build one with {build} and feed it with stat.update(x)")
+    if not isinstance(st, stat_cls):
+        raise TypeError(f"{who}: stat is a {type(st).__module__}.{type(st).__name__}, not an {what} statistic; build one with {build}")
+    if st.tokens < r:
+        raise ValueError(f"{who}: calibration saw {st.tokens} tokens, fewer than r={r}; give more calibration data")
+
+
 def positive_int(name: str, value, who: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{who}: {name}={value!r} must be a positive int (e.g. {name}=8)")

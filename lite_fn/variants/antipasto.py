@@ -121,14 +121,9 @@ def _select(S: Tensor, cfg: AntiPaSTOConfig, st: Stat | None, d_in: int) -> Tens
     if cfg.select == "top":
         return torch.arange(cfg.r, device=S.device)
     who = "antipasto.init"
-    if st is None:
-        raise ValueError(f"{who}: select='data' is data-driven and got no calibration statistic; pass calibration data to lf.init / build one with antipasto.stat(cfg, W) and feed it with stat.update(x)")
-    if not isinstance(st, Stat):
-        raise TypeError(f"{who}: stat is not an AntiPaSTO select='data' statistic; build one with antipasto.stat(cfg, W) for this cfg and W")
+    _checks.calibration_stat(st, Stat, cfg.r, who, "AntiPaSTO select='data'", "antipasto.stat(cfg, W)")
     if st.d_in != d_in or st.abs_sum.numel() != S.numel():
         raise ValueError(f"{who}: stat was built for another weight shape (d_in={st.d_in}); build it with antipasto.stat(cfg, W) for this layer")
-    if st.tokens < cfg.r:
-        raise ValueError(f"{who}: calibration saw {st.tokens} tokens, fewer than r={cfg.r}; give more calibration data")
     score = S.double() * st.abs_sum.to(S.device) / st.tokens  # S_i · mean |x · v_i|
     return torch.topk(score, cfg.r).indices.sort().values
 

@@ -39,7 +39,6 @@ peft's skipping of batches with fewer rows than r·rho (every token counts here)
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -77,7 +76,7 @@ class EVAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora.scaling(self.alpha, self.r, self.use_rslora)
 
     @property
     def n_components(self) -> int:
@@ -155,14 +154,9 @@ def stat(cfg: EVAConfig, W: Tensor) -> Stat:
 
 
 def check_stat(st, r: int, d_in: int, who: str) -> None:
-    if st is None:
-        raise ValueError(f"{who}: EVA is data-driven and got no calibration statistic; pass calibration data to lf.init / build one with eva.stat(cfg, W) and feed it with stat.update(x)")
-    if not isinstance(st, Stat):
-        raise TypeError(f"{who}: stat is a {type(st).__module__}.{type(st).__name__}, not an EVA statistic; build one with eva.stat(cfg, W)")
+    _checks.calibration_stat(st, Stat, r, who, "EVA", "eva.stat(cfg, W)")
     if st.d_in != d_in:
         raise ValueError(f"{who}: stat was built for d_in={st.d_in} but W has d_in={d_in}; build it with eva.stat(cfg, W) for this layer")
-    if st.tokens < r:
-        raise ValueError(f"{who}: calibration saw {st.tokens} tokens, fewer than r={r}; give more calibration data")
 
 
 def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, stat: Stat | None = None) -> dict[str, Tensor]:

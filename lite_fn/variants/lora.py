@@ -40,10 +40,15 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return scaling(self.alpha, self.r, self.use_rslora)
 
 
 Config = LoRAConfig
+
+
+def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / √r with rsLoRA — the scale every LoRA-family config exposes."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:

@@ -21,7 +21,6 @@ oversamples by 10 columns, so it is at least as accurate).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
-from .lora import delta
+from .lora import delta, scaling
 
 NAME = "pissa"
 # Per config, init draws random numbers only when niter is set: see random_init(cfg).
@@ -62,7 +61,7 @@ class PiSSAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return scaling(self.alpha, self.r, self.use_rslora)
 
 
 Config = PiSSAConfig
