@@ -52,3 +52,51 @@ def finite_number(name: str, value, who: str) -> None:
 def one_of(name: str, value, allowed, who: str) -> None:
     if value not in allowed:
         raise ValueError(f"{who}: {name}={value!r} is not one of {sorted(allowed)}")
+
+
+def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int = 0) -> int | None:
+    """Leaves of one layer are exactly what ``variant`` expects for W: no missing or extra leaf, no
+    broadcasting shape, W's dtype and device. ``batch_dims=1``: every leaf has one leading adapter
+    axis of the same length K (stacked params, ``route=``); returns K (or None).
+
+    ``where`` names the layer, e.g. "params['model.layers.0.q_proj']['lora']".
+    """
+    if not isinstance(leaves, dict):
+        raise TypeError(f"{where} must be a dict {{leaf: Tensor}}, got {type(leaves).__name__}")
+    for name, v in leaves.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{where}[{name!r}] is a {type(v).__name__}; every leaf must be a torch.Tensor")
+    K = None
+    if batch_dims:
+        sizes = {name: (v.shape[0] if v.ndim else None) for name, v in leaves.items()}
+        Ks = {k for k in sizes.values()}
+        if None in Ks or len(Ks) > 1:
+            raise ValueError(f"{where}: stacked leaves need one leading adapter axis of the same length K on every leaf, "
+                             f"got leading sizes {sizes}; build them with lf.stack([...])")
+        K = Ks.pop()
+    given = {name: tuple(v.shape[batch_dims:]) for name, v in leaves.items()}
+    d_out, d_in = W.shape[-2], W.shape[-1]
+    try:
+        expected = variant.shapes(given, d_out, d_in)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    missing = sorted(expected.keys() - given.keys())
+    extra = sorted(given.keys() - expected.keys())
+    if missing or extra:
+        parts = [f"missing leaf {k!r} (expected shape {expected[k]})" for k in missing]
+        parts += [f"unexpected leaf {k!r}" for k in extra]
+        raise ValueError(f"{where}: {'; '.join(parts)}; {variant.NAME} leaves for W of shape ({d_out}, {d_in}) are "
+                         f"{ {k: v for k, v in expected.items()} } — build them with lf.init")
+    for k, shape in expected.items():
+        if given[k] != tuple(shape):
+            lead = f"({K}, ...) stacked as " if batch_dims else ""
+            raise ValueError(f"{where}[{k!r}] has shape {given[k]} but {variant.NAME} on W of shape ({d_out}, {d_in}) "
+                             f"needs {lead}{tuple(shape)} (no broadcasting); re-init it with lf.init for this layer")
+    for k, v in leaves.items():
+        if v.is_floating_point() and v.dtype != W.dtype:
+            raise TypeError(f"{where}[{k!r}] has dtype {v.dtype} but the layer's weight is {W.dtype}; cast the params "
+                            f"(e.g. optree.tree_map(lambda t: t.to({W.dtype}), params)) or the model to one dtype")
+        if v.device != W.device and W.device.type != "meta":
+            raise ValueError(f"{where}[{k!r}] is on {v.device} but the layer's weight is on {W.device}; move the params "
+                             f"to {W.device}")
+    return K

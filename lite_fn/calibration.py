@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from . import _inject, _layers
 from ._progress import Progress
 
 
@@ -24,10 +25,16 @@ def _run(model: nn.Module, batch):
     return model(batch)
 
 
-def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = True, max_batches: int | None = None) -> dict:
+def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = True, max_batches: int | None = None,
+            base=None) -> dict:
     """Update ``stats[path]`` with the inputs the module at ``path`` receives; returns ``stats``
-    (shared statistics replace their duplicates, so equal entries are the same object)."""
-    modules = dict(model.named_modules())
+    (shared statistics replace their duplicates, so equal entries are the same object).
+
+    The inputs are read by the same injection as ``lf.call`` (nothing is assigned to the model);
+    ``base`` hands in the weights of a stateless model."""
+    from .runtime import _base_swap
+
+    swap, _ = _base_swap(model, base, freeze=True)
     total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
     bar = Progress("lite_fn calibration", total=total, enabled=progress)
     batch_no = 0
@@ -35,10 +42,8 @@ def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = T
     # tensor keeps its identity meaningful (no address reuse); q/k/v receive the same object.
     last: dict = {}
 
-    def recorder(path, module):
-        original = type(module).forward
-
-        def forward(x, *args, **kwargs):
+    def recorder(path):
+        def handler(x, W, b, base_product):
             stat, key = stats[path], stats[path].share_key
             if key is not None and key in last and last[key][0] is x:
                 stats[path] = stats[last[key][1]]  # same input as the previous layer: share its statistic
@@ -49,27 +54,27 @@ def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = T
                     raise ValueError(f"calibration input to {path!r} (batch {batch_no}): {e}") from e
                 if key is not None:
                     last[key] = (x, path)
-            return original(module, x, *args, **kwargs)
-        return forward
+            return base_product()
+        return handler
 
-    try:
-        for path in stats:
-            modules[path].forward = recorder(path, modules[path])
-        with torch.no_grad():
-            for batch in data:
-                last.clear()
+    layers = []
+    for path in stats:
+        module = model.get_submodule(path)
+        layers.append(_inject.Layer(path, module, _layers.kind_of(module, path), recorder(path)))
+    with torch.no_grad():
+        for batch in data:
+            last.clear()
+            with _inject.mode(layers, swap, True) as m:
                 _run(model, batch)
-                batch_no += 1
-                tokens = min(s.tokens for s in stats.values())
-                bar.update(1, tokens=tokens)
-                if all(s.converged for s in stats.values()) or (max_batches is not None and batch_no >= max_batches):
-                    break
-    finally:
-        for path in stats:
-            modules[path].__dict__.pop("forward", None)
+            missed = m.missed()
+            if missed:
+                raise _inject.missed_error(missed, "calibration")
+            batch_no += 1
+            tokens = min(s.tokens for s in stats.values())
+            bar.update(1, tokens=tokens)
+            if all(s.converged for s in stats.values()) or (max_batches is not None and batch_no >= max_batches):
+                break
     bar.close(tokens=min((s.tokens for s in stats.values()), default=0))
     if batch_no == 0:
         raise ValueError("calibration data was empty; pass an iterable with at least one batch of model inputs")
     return stats
-
-

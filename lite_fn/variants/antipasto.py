@@ -43,6 +43,7 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 
 NAME = "antipasto"
+TRAINABLE = frozenset({"delta_s", "rot_v", "rot_u"})  # leaves an optimizer updates
 STEERING_LEAF = "alpha"
 
 
@@ -168,6 +169,20 @@ def _rotation_step(p: Tensor, alpha: Tensor, max_angle: Tensor, bs: int, dtype: 
     """K = R − I: exactly 0 at α = 0 (R(0) = solve(I, I) = I bit for bit), cast to the compute dtype."""
     R = rotation(p, alpha, max_angle, bs)
     return (R - torch.eye(bs, dtype=R.dtype, device=R.device)).to(dtype)
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in); r is read from S, the block count from the
+    rotation leaves present (at least one of rot_v, rot_u)."""
+    r = leaves["S"][0] if len(leaves.get("S", ())) == 1 else 0
+    out = {"U": (d_out, r), "S": (r,), "V": (d_in, r), "delta_s": (r,), "alpha": (), "max_angle": ()}
+    rots = [k for k in ("rot_v", "rot_u") if k in leaves] or ["rot_v"]
+    for k in rots:
+        p = leaves.get(k, ())
+        n_blocks = p[0] if len(p) == 2 and p[0] > 0 else 1
+        bs = r // n_blocks if r % n_blocks == 0 else 0
+        out[k] = (n_blocks, bs * (bs - 1) // 2)
+    return out
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

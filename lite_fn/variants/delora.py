@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 
 NAME = "delora"
+TRAINABLE = frozenset({"A", "B", "lam"})  # leaves an optimizer updates
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ def init(key: _keys.Key, W: Tensor, cfg: DeLoRAConfig, stat=None) -> dict[str, T
         "lam": torch.tensor(cfg.lam, **opts).requires_grad_(True),
         "wnorm": linalg.col_norm(W.detach()),
     }
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in); the rank r is read from A."""
+    r = leaves["A"][0] if len(leaves.get("A", ())) == 2 else 0
+    return {"A": (r, d_in), "B": (d_out, r), "lam": (), "wnorm": (d_in,)}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

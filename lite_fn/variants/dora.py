@@ -28,8 +28,10 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from .lora import LoRAConfig, delta, init_factors
+from .lora import shapes as lora_shapes
 
 NAME = "dora"
+TRAINABLE = frozenset({"A", "B", "m"})  # leaves an optimizer updates
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ def init(key: _keys.Key, W: Tensor, cfg: DoRAConfig, stat=None) -> dict[str, Ten
     p = init_factors(key, W, cfg, "dora.init")
     m = weight_norm(W, p["A"], p["B"], p["scale"])  # B = 0: the row norms of W, bit-equal to n at init
     return {**p, "m": m.requires_grad_(True)}
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in): LoRA's plus the magnitude m."""
+    return {**lora_shapes(leaves, d_out, d_in), "m": (d_out,)}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

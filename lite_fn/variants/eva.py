@@ -49,6 +49,7 @@ from .. import _checks, _keys
 from . import lora
 
 NAME = "eva"
+TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 RANDOM_INIT = False
 
 
@@ -173,6 +174,11 @@ def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, stat: Stat | None = None) ->
         "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),
         "scale": torch.tensor(cfg.scale, **opts),
     }
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in) (LoRA's); the rank r is read from A."""
+    return lora.shapes(leaves, d_out, d_in)
 
 
 def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig]) -> dict[str, EVAConfig | None]:

@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 
 NAME = "hra"
+TRAINABLE = frozenset({"U"})  # leaves an optimizer updates
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ def init(key: _keys.Key, W: Tensor, cfg: HRAConfig, stat=None) -> dict[str, Tens
     half = linalg.kaiming_uniform(_keys.generator(key), (cfg.r // 2, d_in), fan_in=cfg.r // 2)
     U = repeat(half, "k i -> (k two) i", two=2)  # (r, d_in): u_0 = u_1, u_2 = u_3, …
     return {"U": U.to(dtype=W.dtype, device=W.device).requires_grad_(True)}
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in); the number of reflections r is read from U."""
+    r = leaves["U"][0] if len(leaves.get("U", ())) == 2 else 0
+    return {"U": (r, d_in)}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

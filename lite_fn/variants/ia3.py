@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import _checks, _keys
 
 NAME = "ia3"
+TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 RANDOM_INIT = False
 
 
@@ -41,6 +42,11 @@ def ones_gain(W: Tensor, side: str, who: str) -> dict[str, Tensor]:
 
 def init(key: _keys.Key, W: Tensor, cfg: IA3Config, stat=None) -> dict[str, Tensor]:
     return ones_gain(W, "out", "ia3.init")
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in): one gain per output feature."""
+    return {"g": (d_out,)}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

@@ -21,6 +21,7 @@ from .. import _checks, _keys
 from .ia3 import ones_gain
 
 NAME = "ia3_ff"
+TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 RANDOM_INIT = False
 
 
@@ -34,6 +35,11 @@ Config = IA3FFConfig
 
 def init(key: _keys.Key, W: Tensor, cfg: IA3FFConfig, stat=None) -> dict[str, Tensor]:
     return ones_gain(W, "in", "ia3_ff.init")
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in): one gain per input feature."""
+    return {"g": (d_in,)}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

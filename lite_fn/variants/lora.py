@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 
 NAME = "lora"
+TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,12 @@ def delta(params: dict[str, Tensor], x: Tensor) -> Tensor:
     # applied on the r-wide h instead of the d_out-wide output (one pass over r columns, not d_out).
     h = torch.nn.functional.linear(x, params["A"]) * params["scale"]  # (..., r)
     return torch.nn.functional.linear(h, params["B"])  # (..., d_out)
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in); the rank r is read from A."""
+    r = leaves["A"][0] if len(leaves.get("A", ())) == 2 else 0
+    return {"A": (r, d_in), "B": (d_out, r), "scale": ()}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

@@ -29,8 +29,10 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from .lora import delta, scaling
+from .lora import shapes as lora_shapes
 
 NAME = "pissa"
+TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 # Per config, init draws random numbers only when niter is set: see random_init(cfg).
 RANDOM_INIT = True
 
@@ -82,6 +84,12 @@ def init(key: _keys.Key, W: Tensor, cfg: PiSSAConfig, stat=None) -> dict[str, Te
         "A0": A,
         "B0": B,
     }
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in): LoRA's plus the frozen A0, B0."""
+    out = lora_shapes(leaves, d_out, d_in)
+    return {**out, "A0": out["A"], "B0": out["B"]}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import _checks, _keys
 
 NAME = "road"
+TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
 RANDOM_INIT = False
 VARIANTS = ("road_1", "road_2", "road_4")
 
@@ -73,6 +74,17 @@ def init(key: _keys.Key, W: Tensor, cfg: ROADConfig, stat=None) -> dict[str, Ten
         "theta": torch.zeros(shape, **opts).requires_grad_(True),
         "alpha": torch.ones(shape, **opts).requires_grad_(True),
     }
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in): theta's form (road_1/2/4, group size) is read
+    from theta itself and must cover d_out; alpha has theta's shape."""
+    t = leaves.get("theta", ())
+    forms = {3: {1: "road_1", 2: "road_2"}, 4: {2: "road_4"}}
+    if len(t) not in forms or t[1] not in forms[len(t)] or (len(t) == 4 and t[2] != 2) or 2 * t[0] * t[-1] != d_out:
+        raise ValueError(f"theta of shape {t} is not a RoAd layout for d_out={d_out}; expected (G, 1, h) (road_1), "
+                         f"(G, 2, h) (road_2) or (G, 2, 2, h) (road_4) with 2·G·h = d_out (d_out must be even)")
+    return {"theta": t, "alpha": t}
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
