@@ -76,12 +76,8 @@ def _base_swap(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor],
         owners[id(t)] = t
     swap: dict[int, Tensor] = {}
     if base is None:
-        meta = [names[0] for i, names in aliases.items() if owners[i].is_meta]
-        if meta:
-            raise ValueError(f"{type(model).__name__} has tensors on the meta device ({meta[:3]}{' …' if len(meta) > 3 else ''}): "
-                             f"it is a skeleton; pass its weights with base={{name: tensor}}")
         if freeze:
-            swap = {i: t.detach() for i, t in owners.items() if t.requires_grad}
+            swap = {i: t.detach() for i, t in owners.items() if t.requires_grad and not t.is_meta}
         return swap, aliases
     if not isinstance(base, Mapping):
         raise TypeError(f"base must be a dict {{parameter or buffer name: Tensor}} (as torch.func.functional_call takes), got {type(base).__name__}")
@@ -146,6 +142,10 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
     modules = dict(model.named_modules())
     paths = target_paths(model, targets)
     weights = {p: _current(modules[p], _layers.kind_of(modules[p], p), swap).detach() for p in paths}
+    meta = [p for p, W in weights.items() if W.is_meta]
+    if meta:
+        raise ValueError(f"the weights of {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device (a skeleton or an "
+                         f"offloaded model): pass the weights with base={{name: tensor}} so init can read their values")
     cfgs = {p: cfg for p in paths}
 
     stats = {}
@@ -157,7 +157,7 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
             raise ValueError(f"{type(cfg).__name__} initialises from data: pass calibration=<iterable of model inputs> to lf.init")
         calib.collect(model, stats, calibration, progress=progress, max_batches=max_batches, base=base)
         if hasattr(variant, "plan"):
-            cfgs = variant.plan(stats, cfgs)
+            cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape) for p, W in weights.items()})
     elif calibration is not None:  # never ignore data the caller thought was used
         raise ValueError(f"{cfg!r} does not use calibration data; drop calibration=… (or use a data-driven config, "
                          f"e.g. EVAConfig or AntiPaSTOConfig(select='data'))")

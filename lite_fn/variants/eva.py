@@ -181,11 +181,14 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     return lora.shapes(leaves, d_out, d_in)
 
 
-def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig]) -> dict[str, EVAConfig | None]:
+def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig],
+         dims: dict[str, tuple[int, int]] | None = None) -> dict[str, EVAConfig | None]:
     """peft's rank redistribution: {layer: cfg with its new r (alpha adjusted), or None = no adapter}.
 
-    Budget Σ r over layers; each layer offers its top round(r·rho) explained-variance ratios;
-    the budget's worth of largest ratios is kept (stable sort: ties go to the earlier layer).
+    Budget Σ r over layers; each layer offers its top round(r·rho) explained-variance ratios,
+    never more than min(d_out, d_in) of its weight (``dims[layer]``) or the tokens it saw (a
+    rank above either would be a direction the data or the layer cannot have); the budget's
+    worth of largest ratios is kept (stable sort: ties go to the earlier layer).
     """
     if stats.keys() != cfgs.keys():
         raise ValueError(f"eva.plan: stats and cfgs must name the same layers; only in stats: {sorted(stats.keys() - cfgs.keys())}, only in cfgs: {sorted(cfgs.keys() - stats.keys())}")
@@ -193,7 +196,8 @@ def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig]) -> dict[str, EVACon
     for name, cfg in cfgs.items():
         st = stats[name]
         check_stat(st, cfg.r, getattr(st, "d_in", 0), f"eva.plan[{name!r}]")
-        evr = st.explained_variance_ratio()[: min(cfg.n_components, st.d_in)].cpu()
+        d_out, d_in = (dims or {}).get(name, (st.d_in, st.d_in))
+        evr = st.explained_variance_ratio()[: min(cfg.n_components, d_in, d_out, st.tokens)].cpu()
         owners += [name] * evr.numel()
         ratios.append(evr)
     order = torch.sort(torch.cat(ratios), descending=True, stable=True).indices
