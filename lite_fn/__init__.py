@@ -9,7 +9,7 @@ Only re-exports live here; each variant's math is in ``lite_fn/variants/<name>.p
 from . import linalg, variants
 from ._keys import fold_in, split
 from .io import check_against, load, load_metadata, save
-from .runtime import call, combine, init, merge, partition, stack, target_paths, trainable, unstack, with_alpha
+from .runtime import applied, call, combine, init, merge, partition, stack, target_paths, trainable, unstack, with_alpha
 from .variants import REGISTRY
 from .variants.antipasto import AntiPaSTOConfig
 from .variants.delora import DeLoRAConfig
@@ -25,7 +25,7 @@ from .variants.road import ROADConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "init", "call", "stack", "unstack", "with_alpha", "merge", "save", "load", "load_metadata", "check_against",
+    "init", "call", "applied", "stack", "unstack", "with_alpha", "merge", "save", "load", "load_metadata", "check_against",
     "trainable", "partition", "combine", "target_paths", "fold_in", "split", "linalg", "variants", "REGISTRY",
     "LoRAConfig", "DoRAConfig", "PiSSAConfig", "DeLoRAConfig", "EVAConfig", "HRAConfig", "IA3Config",
     "IA3FFConfig", "ROADConfig", "AntiPaSTOConfig",

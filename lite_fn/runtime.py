@@ -110,8 +110,10 @@ def _base_swap(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor],
         swap[i] = value.detach() if freeze else value
     if missing:
         raise ValueError(f"base is missing {len(missing)} tensors that the model holds on the meta device: {missing[:6]}"
-                         f"{' …' if len(missing) > 6 else ''} (non-persistent buffers such as rotary inv_freq are not in a "
-                         f"state_dict: add them, e.g. from a real model's named_buffers())")
+                         f"{' …' if len(missing) > 6 else ''}. Non-persistent buffers (e.g. rotary inv_freq) are not in a state_dict: add "
+                         f"them, e.g. from a real model's named_buffers(). A tied weight (e.g. lm_head.weight) is missing when "
+                         f"the skeleton lost its ties: `.to('meta')` unties them; call skeleton.tie_weights() or build the "
+                         f"skeleton under `with torch.device('meta'):`")
     return swap, aliases
 
 
