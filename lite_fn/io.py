@@ -16,12 +16,14 @@ Writing: ``safetensors.torch.save`` to bytes, then a temp file
 write + flush + fsync, ``os.replace``, fsync of the directory. The new file gets the old file's
 mode, or ``0o666 & ~umask`` when new. Temp files of the same target left by writers that are no
 longer alive on this machine (``os.kill(pid, 0)`` fails with ProcessLookupError) are removed first;
-those of live writers are never touched.
+those of live writers are never touched (liveness is judged on this machine: a writer on another
+host sharing the directory may lose its temp file, and then its save fails; the file stays whole).
 
 Loading refuses anything but a regular file before opening it, parses with ``safetensors``,
 checks the header layout (no overlapping, missing or trailing bytes), the metadata and the
-checksum, and raises ValueError naming the file on any damage: a corrupted file never loads as
-different params. With ``model=``, every path, layer type, leaf shape and dtype is checked against
+checksum (an integrity check, not a signature), and raises ValueError naming the file on any
+damage it finds: a single-bit flip anywhere in the header, or any change to names, dtypes, shapes,
+bytes or metadata that the checksum sees, never loads as different params. With ``model=``, every path, layer type, leaf shape and dtype is checked against
 the model (``check_against``) and all problems are reported together.
 """
 from __future__ import annotations
@@ -446,7 +448,9 @@ def _read_checkpoint(path) -> tuple[str, dict[str, str], dict, dict, dict[str, t
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # frombuffer on read-only bytes; we copy below
                 raw = st_load(blob)
-        except Exception as e:
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 — SafetensorError, KeyError (dtype), AssertionError, …
             raise _Damaged(f"{shown!r} is corrupt: safetensors cannot read it ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from None
         for key, t in raw.items():
@@ -459,9 +463,9 @@ def _read_checkpoint(path) -> tuple[str, dict[str, str], dict, dict, dict[str, t
             raise _Damaged(f"{shown!r} is damaged: checksum mismatch (its metadata records sha256 "
                            f"{meta[_CHECKSUM][:16]!r}…, its contents hash differently); restore it from a good copy "
                            f"or save it again")
-    except _Damaged:
+    except (_Damaged, MemoryError):
         raise
-    except Exception as e:  # a parse failure not foreseen above: still a ValueError naming the file
+    except Exception as e:  # noqa: BLE001 — a parse failure not foreseen above: still a ValueError naming the file
         raise _Damaged(f"{shown!r} is damaged or not a lite_fn checkpoint ({type(e).__name__}: {e})") from None
     return shown, meta, keys, layers, raw
 

