@@ -9,7 +9,8 @@ Only re-exports live here; each variant's math is in ``lite_fn/variants/<name>.p
 from . import linalg, variants
 from ._keys import fold_in, split
 from .io import check_against, load, load_metadata, save
-from .runtime import applied, call, combine, init, merge, partition, stack, target_paths, trainable, unstack, with_alpha
+from .runtime import applied, call, init, merge, target_paths
+from .trees import combine, partition, stack, trainable, unstack, with_alpha
 from .variants import REGISTRY
 from .variants.antipasto import AntiPaSTOConfig
 from .variants.delora import DeLoRAConfig

@@ -264,6 +264,9 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: reproducible, and fast on a shared machine)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    ap.add_argument("--steer", action="store_true",
+                    help="instead: steering (AntiPaSTO) and routed LoRAs on SmolLM2-135M-Instruct with model.generate; "
+                         "see python -m lite_fn.demo --steer --help")
     return ap.parse_args(argv)
 
 
@@ -357,7 +360,15 @@ def run_demo(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the demo; returns the results (also written to --out/results.json), "problems" included."""
+    """Run the demo; returns the results (also written to --out/results.json), "problems" included.
+
+    ``--steer`` runs ``lite_fn.demo_steer`` instead (its own options and results).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--steer" in argv:
+        from lite_fn import demo_steer
+
+        return demo_steer.main([a for a in argv if a != "--steer"])
     args = parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from . import _checks, variants
+from . import _checks, trees, variants
 
 _FORMAT = "lite_fn/1"
 _CHECKSUM = "sha256"
@@ -483,12 +483,12 @@ def load(path, *, model=None, device=None) -> dict:
     path, layer type, leaf shape and dtype (and device) — all mismatches are reported together."""
     shown, _, keys, _, raw = _read_checkpoint(path)
     params: dict = {}
-    for key, (mpath, name, leaf, trainable) in keys.items():
+    for key, (mpath, name, leaf, _) in keys.items():  # trainability: the variant's declaration (TRAINABLE)
         t = raw[key].clone(memory_format=torch.contiguous_format)  # own memory, not a view of the file bytes
         if device is not None:
             t = t.to(device)
         if t.is_floating_point():
-            t.requires_grad_(trainable)
+            t.requires_grad_(trees.is_trainable(name, leaf))
         params.setdefault(mpath, {}).setdefault(name, {})[leaf] = t
     if model is not None:
         check_against(model, params, source=f"checkpoint {shown!r}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
@@ -20,8 +19,8 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import _checks, _inject, _keys, _layers, variants
+from .trees import Params, _declared, _functorch_wrapped
 
-Params = dict[str, dict[str, dict[str, Tensor]]]
 
 # Output heads and embedding-like names never targeted by default.
 _DEFAULT_EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|score|classifier|pooler\.dense|cls\..*)$")
@@ -170,7 +169,7 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
             continue
         leaves = variant.init(_keys.fold_in(key, p), weights[p], cfgs[p], stats.get(p))
         out[p] = {variant.NAME: {k: _contiguous(v) for k, v in leaves.items()}}
-    return out
+    return _declared(out)
 
 
 def _contiguous(v: Tensor) -> Tensor:
@@ -236,10 +235,6 @@ def _check_route(route, K: int | None) -> Tensor:
             bad = lo if lo < 0 else hi
             raise ValueError(f"route holds adapter index {bad}, but the stacked params hold {K} adapters; use indices in 0..{K - 1}")
     return route
-
-
-def _functorch_wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Tensor) -> _inject.Handler:
@@ -318,87 +313,6 @@ def applied(model: nn.Module, params: Params, *, route: Tensor | None = None, fr
     missed = m.missed()
     if m.hit and missed:
         raise _inject.missed_error(missed, "lf.applied")
-
-
-# ----------------------------------------------------------------------------- trees
-def stack(params_list: Sequence[Params]) -> Params:
-    """K param trees of equal structure -> one tree with a leading axis K on every leaf."""
-    if not params_list:
-        raise ValueError("lf.stack needs at least one params tree")
-    first = params_list[0]
-    spec = optree.tree_structure(first)
-    for i, p in enumerate(params_list[1:], 1):
-        if optree.tree_structure(p) != spec:
-            raise ValueError(f"params #{i} has a different structure than params #0 (paths/variants/leaves must match): {optree.tree_structure(p)} vs {spec}")
-    def stack_leaf(*xs):
-        shapes = {tuple(x.shape) for x in xs}
-        if len(shapes) != 1:
-            raise ValueError(f"cannot stack leaves of shapes {sorted(shapes)}; all adapters must have equal shapes (same r, same targets)")
-        return torch.stack([x.detach() for x in xs]).requires_grad_(xs[0].requires_grad)
-    return optree.tree_map(stack_leaf, *params_list)
-
-
-def unstack(stacked: Params) -> list[Params]:
-    """Inverse of ``stack``."""
-    leaves = optree.tree_leaves(stacked)
-    K = leaves[0].shape[0]
-    return [optree.tree_map(lambda v: v[k].detach().requires_grad_(v.requires_grad), stacked) for k in range(K)]
-
-
-def with_alpha(params: Params, alpha: float | Tensor) -> Params:
-    """A copy of ``params`` with every steering leaf (AntiPaSTO's alpha) set to ``alpha``.
-
-    ``alpha`` may be a finite float or a 0-d floating tensor (also a vmapped one: ``vmap(lambda a:
-    lf.call(model, with_alpha(p, a), x))(alphas)`` sweeps in one call). Stacked params keep their
-    leading axis. The returned tree is new at every level; leaves other than alpha are shared.
-    """
-    if isinstance(alpha, Tensor):
-        if not alpha.is_floating_point() or alpha.ndim != 0:
-            raise ValueError(f"with_alpha: alpha must be a finite number or a 0-d floating tensor, got a tensor of shape "
-                             f"{tuple(alpha.shape)} dtype {alpha.dtype}; sweep several values with vmap over a 1-D tensor")
-        if not torch.compiler.is_compiling() and not _functorch_wrapped(alpha) and not bool(torch.isfinite(alpha)):
-            raise ValueError(f"with_alpha: alpha={alpha.item()} is not finite; pass a finite steering coefficient (e.g. 1.0)")
-    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"with_alpha: alpha={alpha!r} must be a finite number (e.g. 0.5) or a 0-d floating tensor")
-    if not isinstance(params, dict):
-        raise TypeError(f"with_alpha: params must be the dict returned by lf.init, got {type(params).__name__}")
-    out, found = {}, False
-    for path, by_variant in params.items():
-        out[path] = {}
-        for name, leaves in by_variant.items():
-            leaves = dict(leaves)
-            leaf = getattr(variants.get(name), "STEERING_LEAF", None)
-            if leaf is not None and leaf in leaves:
-                found = True
-                old = leaves[leaf]
-                a = alpha.to(old.dtype) if isinstance(alpha, Tensor) else torch.tensor(float(alpha), dtype=old.dtype)
-                leaves[leaf] = torch.ones_like(old) * a
-            out[path][name] = leaves
-    if not found:
-        raise ValueError("with_alpha: params contain no steerable variant (e.g. AntiPaSTO); nothing to set")
-    return out
-
-
-def trainable(params: Params) -> list[Tensor]:
-    """The leaves an optimizer should see (``requires_grad=True``)."""
-    return [v for v in optree.tree_leaves(params) if v.requires_grad]
-
-
-def partition(params: Params) -> tuple[Params, Params]:
-    """(trainable, frozen): two trees with the same paths, each holding its half of the leaves."""
-    def split(keep):
-        return {p: {n: {k: v for k, v in leaves.items() if v.requires_grad == keep} for n, leaves in bv.items()} for p, bv in params.items()}
-    return split(True), split(False)
-
-
-def combine(trainable_part: Params, frozen_part: Params) -> Params:
-    """Inverse of ``partition`` (works on the gradient-tracking tensors torch.func.grad passes)."""
-    out = {}
-    for p in frozen_part.keys() | trainable_part.keys():
-        out[p] = {}
-        for n in frozen_part.get(p, {}).keys() | trainable_part.get(p, {}).keys():
-            out[p][n] = {**frozen_part.get(p, {}).get(n, {}), **trainable_part.get(p, {}).get(n, {})}
-    return out
 
 
 # ----------------------------------------------------------------------------- merge
