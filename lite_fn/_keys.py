@@ -30,6 +30,7 @@ def as_seed(key: Key) -> int:
     raise TypeError(f"key={key!r} is not a key; pass an int seed (e.g. key=0) or a 0-d integer tensor")
 
 
+@torch.compiler.assume_constant_result  # a pure function of constants: torch.compile runs it once while tracing
 def fold_in(key: Key, data: str | int) -> int:
     """Derive a new key from ``key`` and ``data`` (a module path or an int); a pure hash."""
     digest = hashlib.blake2b(f"{as_seed(key)}|{data}".encode(), digest_size=8).digest()

@@ -105,3 +105,28 @@ def householder_chain(x: Tensor, U: Tensor) -> Tensor:
     Tinv = torch.linalg.solve_triangular(T, eye, upper=True).to(x.dtype)  # T⁻¹ (r, r)
     h = torch.nn.functional.linear(x, Un)  # (..., r)  x Û
     return x - torch.nn.functional.linear(torch.nn.functional.linear(h, Tinv), Un.T)  # F.linear(h, T⁻¹) = h T⁻ᵀ
+
+
+def hash_uniform(seed: int, shape: tuple[int, ...] | torch.Size, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform [0, 1) numbers that are a pure function of (seed, position): a 32-bit integer hash
+    (lowbias32, two rounds keyed by the seed's two halves) of the flat index, in plain int64 tensor
+    ops that never overflow. No generator and no random op, so it is the same under ``vmap``
+    (default ``randomness="error"`` is not tripped), ``torch.func.grad`` and ``torch.compile``."""
+    n = math.prod(shape)
+    x = torch.arange(n, dtype=torch.int64, device=device)
+    x = _mix32(_mix32(x ^ (seed & 0xFFFFFFFF)) ^ ((seed >> 32) & 0xFFFFFFFF))
+    return (x >> 8).to(dtype).mul_(1.0 / (1 << 24)).reshape(shape)  # the top 24 of 32 bits
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x · c) mod 2³² for 0 ≤ x, c < 2³², in 16-bit halves so no int64 product overflows."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 (C. Wellons' integer hash): a bijection of [0, 2³²) with good avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)

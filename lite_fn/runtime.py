@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import _checks, _inject, _keys, _layers, variants
+from . import _checks, _inject, _keys, _layers, linalg, variants
 from .trees import Params, _declared, _functorch_wrapped
 
 
@@ -237,7 +237,12 @@ def _check_route(route, K: int | None) -> Tensor:
     return route
 
 
-def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Tensor) -> _inject.Handler:
+def _noise(seed: int | None, x: Tensor) -> Tensor | None:
+    """Uniform noise for dropout, a pure function of (key, layer path, position) — see linalg.hash_uniform."""
+    return None if seed is None else linalg.hash_uniform(seed, x.shape, device=x.device)
+
+
+def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Tensor, seed: int | None) -> _inject.Handler:
     def handler(x, W, b, base):
         B, N = route.shape[0], x.shape[0] if x.ndim >= 2 else -1
         if N == B:
@@ -248,24 +253,37 @@ def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Te
             raise ValueError(f"route has {B} entries but the input to {path} has shape {tuple(x.shape)}; its leading dimension "
                              f"must be the batch (or batch × sequence, example-major); pass one adapter index per example")
         per_example = optree.tree_map(lambda v: v[route], leaves)
-        y = vmap(variant.apply, in_dims=(0, None, 0, None))(per_example, W, xs, b)
+        if seed is None:
+            y = vmap(variant.apply, in_dims=(0, None, 0, None))(per_example, W, xs, b)
+        else:
+            noise = _noise(seed, xs)
+            y = vmap(variant.apply, in_dims=(0, None, 0, None, 0))(per_example, W, xs, b, noise)
         return y if xs is x else y.reshape(N, *y.shape[2:])
     return handler
 
 
-def _applying(entry: _Entry, route: Tensor | None) -> _inject.Handler:
+def _applying(entry: _Entry, route: Tensor | None, key) -> _inject.Handler:
+    # dropout noise only for layers whose params carry a dropout rate; a pure function of (key, path, position)
+    seed = None if key is None or "dropout" not in entry.leaves else _keys.fold_in(key, entry.path)
     if route is not None:
-        return _routed(entry.path, entry.variant, entry.leaves, route)
+        return _routed(entry.path, entry.variant, entry.leaves, route, seed)
     variant, leaves = entry.variant, entry.leaves
-    return lambda x, W, b, base: variant.apply(leaves, W, x, b)
+    if seed is None:
+        return lambda x, W, b, base: variant.apply(leaves, W, x, b)
+    return lambda x, W, b, base: variant.apply(leaves, W, x, b, _noise(seed, x))
 
 
-def _prepare(model, params, route, freeze_base, base):
+def _prepare(model, params, route, freeze_base, base, key=None):
     swap, aliases = _base_swap(model, base, freeze_base)
     entries, K = _entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
     if route is not None:
         route = _check_route(route, K)
-    layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route)) for e in entries]
+    if key is not None:
+        _keys.as_seed(key)  # a clear error for a bad key
+        if not any("dropout" in e.leaves for e in entries):
+            raise ValueError("key= turns on adapter dropout, but no layer of params has a dropout rate; build them with "
+                             "e.g. lf.LoRAConfig(r=8, dropout=0.1), or drop key=")
+    layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key)) for e in entries]
     return _inject.mode(layers, swap, freeze_base)
 
 
@@ -274,7 +292,7 @@ _VMAP_HINT = ("\n\nlite_fn: this model's forward cannot run under torch.func.vma
 
 
 def call(model: nn.Module, params: Params, *args, route: Tensor | None = None, freeze_base: bool = True,
-         base: Mapping[str, Tensor] | None = None, **kwargs):
+         base: Mapping[str, Tensor] | None = None, key: _keys.Key | None = None, **kwargs):
     """``model(*args, **kwargs)`` with the adapters in ``params`` applied; the model is untouched.
 
     ``route`` (B,) int: a mixed batch where example i uses adapter ``route[i]`` of a stacked
@@ -282,8 +300,11 @@ def call(model: nn.Module, params: Params, *args, route: Tensor | None = None, f
     no gradient (and no backward work) goes to them. ``base``: ``{name: Tensor}`` for every
     parameter and buffer the model holds on the meta device (a stateless skeleton), as
     ``torch.func.functional_call`` takes them; given names replace the model's own tensors.
+    ``key``: turns on adapter dropout (configs with ``dropout=p``); the masks are a pure function of
+    (key, layer path, position), so a call is reproducible under vmap, grad and compile. No key,
+    no dropout.
     """
-    m = _prepare(model, params, route, freeze_base, base)
+    m = _prepare(model, params, route, freeze_base, base, key)
     try:
         with m:
             out = model(*args, **kwargs)
@@ -298,16 +319,17 @@ def call(model: nn.Module, params: Params, *args, route: Tensor | None = None, f
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, params: Params, *, route: Tensor | None = None, freeze_base: bool = True,
-            base: Mapping[str, Tensor] | None = None) -> Iterator[None]:
+def applied(model: nn.Module, params: Params, *, route: Tensor | None = None, key: _keys.Key | None = None,
+            freeze_base: bool = True, base: Mapping[str, Tensor] | None = None) -> Iterator[None]:
     """Every forward of ``model`` inside the block, on this thread, is adapted as ``call`` adapts one.
 
     So ``model.generate``, pipelines and evaluation harnesses run with adapters. Same guarantees
     as ``call``: nothing is assigned to the model, other threads see the plain model, blocks nest.
     ``route`` rows follow the batch through generation: an input with N = B·n rows (beams, or
-    batch × sequence flattened) uses ``route`` repeated n times, example-major.
+    batch × sequence flattened) uses ``route`` repeated n times, example-major. ``key``: adapter
+    dropout, as in ``call``.
     """
-    m = _prepare(model, params, route, freeze_base, base)
+    m = _prepare(model, params, route, freeze_base, base, key)
     with m:
         yield
     missed = m.missed()

@@ -16,7 +16,9 @@ n is computed without forming the dense d_out × d_in matrix W + s·BA: for each
     n_o² = ‖W_o‖² + 2s · Σ_r B_or (W Aᵀ)_or + s² · B_o (A Aᵀ) B_oᵀ          (clamped ≥ 0)
 which needs only (d_out, r) and (r, r) intermediates. Exact algebra; in floating point it loses
 relative accuracy only when s·BA nearly cancels a row of W (n_o ≪ ‖W_o‖), far from DoRA's regime.
-Not here: peft's dropout on the adapter input (apply is pure and deterministic).
+Dropout (``dropout`` leaf, with the runtime's ``noise``; peft's DoRA path with lora_dropout):
+    y = x Wᵀ + b + (m/n − 1) ⊙ x̃ Wᵀ + (m/n) ⊙ s·(x̃ Aᵀ) Bᵀ,   x̃ = x ⊙ [u ≥ p] / (1 − p)
+which is the formula above when x̃ = x.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
-from .lora import LoRAConfig, delta, init_factors
+from .lora import LoRAConfig, delta, dropped, init_factors
 from .lora import shapes as lora_shapes
 
 NAME = "dora"
@@ -66,9 +68,15 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     return {**lora_shapes(leaves, d_out, d_in), "m": (d_out,)}
 
 
-def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "dora.apply")
     n = weight_norm(W, params["A"], params["B"], params["scale"])  # (d_out,), no gradient
+    g = params["m"] / n  # (d_out,)
+    if noise is not None and "dropout" in params:
+        # peft with dropout: the base output keeps x, the magnitude correction and the low-rank term see x̃
+        xd = dropped(params, x, noise)
+        y = torch.nn.functional.linear(x, W, b) + (g - 1.0) * torch.nn.functional.linear(xd, W) + g * delta(params, xd)
+        return y
     y = torch.nn.functional.linear(x, W) + delta(params, x)  # x (W + s·BA)ᵀ, (..., d_out)
-    y = (params["m"] / n) * y
+    y = g * y
     return y if b is None else y + b

@@ -11,6 +11,7 @@
     scale ()     = s;                                                            frozen leaf
 
 Identity at init: B = 0.
+Dropout (``dropout`` leaf, with the runtime's ``noise``) as LoRA's, on the adapter input.
 
 Calibration streams sufficient statistics (token count, mean, centred scatter Σ(x−μ)(x−μ)ᵀ,
 merged per batch in float64 with Chan et al.'s pairwise update), so memory is O(d_in²),
@@ -62,6 +63,7 @@ class EVAConfig:
     use_rslora: bool = False
     whiten: bool = False  # peft EvaConfig.whiten
     adjust_scaling_factors: bool = True  # peft EvaConfig.adjust_scaling_factors: keep alpha/r when plan() changes r
+    dropout: float = 0.0  # as LoRAConfig.dropout
     variant_name: ClassVar[str] = NAME
 
     def __post_init__(self):
@@ -74,6 +76,7 @@ class EVAConfig:
         _checks.finite_number("tau", self.tau, who)
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"{who}: tau={self.tau!r} must be in [0, 1] (a cosine-similarity threshold; peft's default is 0.99)")
+        lora.check_dropout(self.dropout, who)
 
     @property
     def scale(self) -> float:
@@ -173,6 +176,7 @@ def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, stat: Stat | None = None) ->
         "A": A.to(**opts).requires_grad_(True),
         "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),
         "scale": torch.tensor(cfg.scale, **opts),
+        **lora.dropout_leaf(cfg, opts),
     }
 
 
@@ -218,6 +222,6 @@ def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig],
     return out
 
 
-def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "eva.apply")
-    return torch.nn.functional.linear(x, W, b) + lora.delta(params, x)
+    return torch.nn.functional.linear(x, W, b) + lora.delta(params, lora.dropped(params, x, noise))

@@ -6,9 +6,13 @@
                    with init="gaussian" (peft: normal_(std=1/r));  trainable
     B (d_out, r) = 0;                                                 trainable
     scale ()     = s;                                                 frozen leaf
+    dropout ()   = p, only when p > 0;                                frozen leaf
 
 Identity at init: B = 0.
-Not here: peft's dropout on the adapter input (apply is pure and deterministic; drop x yourself).
+Dropout (peft's lora_dropout) acts on the adapter branch's input only, inverted:
+    y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ,   x̃ = x ⊙ [u ≥ p] / (1 − p)
+with u the uniform ``noise`` (same shape as x) that the runtime derives from an explicit key
+(``lf.call(..., key=k)``); no noise, no dropout, bit for bit.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class LoRAConfig:
     alpha: float = 16.0
     use_rslora: bool = False
     init: str = "kaiming"  # "kaiming" (peft default) | "gaussian"
+    dropout: float = 0.0  # peft's lora_dropout, on the adapter input; active only with lf.call(..., key=k)
     variant_name: ClassVar[str] = NAME
 
     def __post_init__(self):
@@ -38,6 +43,7 @@ class LoRAConfig:
         _checks.positive_int("r", self.r, who)
         _checks.finite_number("alpha", self.alpha, who)
         _checks.one_of("init", self.init, {"kaiming", "gaussian"}, who)
+        check_dropout(self.dropout, who)
 
     @property
     def scale(self) -> float:
@@ -50,6 +56,26 @@ Config = LoRAConfig
 def scaling(alpha: float, r: int, use_rslora: bool) -> float:
     """s = alpha / r, or alpha / √r with rsLoRA — the scale every LoRA-family config exposes."""
     return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def check_dropout(p, who: str) -> None:
+    _checks.finite_number("dropout", p, who)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{who}: dropout={p!r} must be in [0, 1) (the probability of dropping an input feature, e.g. 0.1)")
+
+
+def dropout_leaf(cfg, opts: dict) -> dict[str, Tensor]:
+    """{"dropout": p} when the config drops (p > 0), else nothing: params without it never drop."""
+    p = getattr(cfg, "dropout", 0.0)
+    return {"dropout": torch.tensor(float(p), **opts)} if p > 0 else {}
+
+
+def dropped(params: dict[str, Tensor], x: Tensor, noise: Tensor | None) -> Tensor:
+    """x̃ = x ⊙ [u ≥ p] / (1 − p) with u = ``noise``; x itself without noise or without a dropout leaf."""
+    if noise is None or "dropout" not in params:
+        return x
+    p = params["dropout"]
+    return torch.where(noise >= p, x / (1.0 - p), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:
@@ -66,6 +92,7 @@ def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:
         "A": A.to(**opts).requires_grad_(True),
         "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),
         "scale": torch.tensor(cfg.scale, **opts),
+        **dropout_leaf(cfg, opts),
     }
 
 
@@ -84,9 +111,9 @@ def delta(params: dict[str, Tensor], x: Tensor) -> Tensor:
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
     """The exact leaf shapes for W of (d_out, d_in); the rank r is read from A."""
     r = leaves["A"][0] if len(leaves.get("A", ())) == 2 else 0
-    return {"A": (r, d_in), "B": (d_out, r), "scale": ()}
+    return {"A": (r, d_in), "B": (d_out, r), "scale": (), **({"dropout": ()} if "dropout" in leaves else {})}
 
 
-def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "lora.apply")
-    return torch.nn.functional.linear(x, W, b) + delta(params, x)
+    return torch.nn.functional.linear(x, W, b) + delta(params, dropped(params, x, noise))

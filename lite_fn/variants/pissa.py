@@ -9,6 +9,8 @@
     scale ()                    = s;                         frozen leaf
 
 Identity at init: A = A₀, B = B₀, and both branches run the same ops, so they cancel exactly.
+Dropout (``dropout`` leaf, with the runtime's ``noise``) acts on the trained branch's input only: the
+frozen term belongs to peft's residual weight W − s·B₀A₀, which sees x itself.
 The paper (and peft) overwrite W with the residual W − s·BA; here W stays shared and
 bit-identical and the residual is the frozen branch −s·B₀A₀ (same output, K adapters cost K
 low-rank sets, not K dense copies). S is divided by s as in peft (SPEC §4: otherwise the
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
-from .lora import delta, scaling
+from .lora import check_dropout, delta, dropout_leaf, dropped, scaling
 from .lora import shapes as lora_shapes
 
 NAME = "pissa"
@@ -48,6 +50,7 @@ class PiSSAConfig:
     alpha: float = 16.0
     use_rslora: bool = False
     niter: int | None = None  # None: exact SVD; K: randomized SVD with K power iterations
+    dropout: float = 0.0  # as LoRAConfig.dropout
     variant_name: ClassVar[str] = NAME
 
     def __post_init__(self):
@@ -60,6 +63,7 @@ class PiSSAConfig:
         if self.niter is not None and (isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0):
             raise ValueError(f"{who}: niter={self.niter!r} must be None (exact SVD) or an int >= 0 "
                              f"(power iterations of the randomized SVD, e.g. niter=4)")
+        check_dropout(self.dropout, who)
 
     @property
     def scale(self) -> float:
@@ -83,6 +87,7 @@ def init(key: _keys.Key, W: Tensor, cfg: PiSSAConfig, stat=None) -> dict[str, Te
         "scale": torch.tensor(cfg.scale, dtype=W.dtype, device=W.device),
         "A0": A,
         "B0": B,
+        **dropout_leaf(cfg, dict(dtype=W.dtype, device=W.device)),
     }
 
 
@@ -92,7 +97,8 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     return {**out, "A0": out["A"], "B0": out["B"]}
 
 
-def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "pissa.apply")
     frozen = {"A": params["A0"], "B": params["B0"], "scale": params["scale"]}
-    return torch.nn.functional.linear(x, W, b) + (delta(params, x) - delta(frozen, x))
+    # dropout acts on the trained branch only; the frozen term belongs to peft's residual weight W − s·B0A0
+    return torch.nn.functional.linear(x, W, b) + (delta(params, dropped(params, x, noise)) - delta(frozen, x))

@@ -1,0 +1,146 @@
+"""``lf.Adapted``: an ``nn.Module`` facade over ``lf.call``, so that engines built around modules
+(``DistributedDataParallel``, ``transformers.Trainer``, ``torch.optim`` by ``parameters()``) train
+lite_fn adapters as they train any module.
+
+    module = lf.Adapted(model, params)
+    module.parameters()          # exactly the trainable leaves (each variant's TRAINABLE)
+    module(*args, **kwargs)      # == lf.call(model, module.params, *args, **kwargs)
+    module.params                # the current params tree, frozen leaves included
+
+The base model is deliberately *not* a submodule: it is kept in a plain attribute, so
+``parameters()``, ``state_dict()``, ``.to()``, ``.train()`` and DDP's broadcasts and gradient
+all-reduces see the adapter leaves only, and the (possibly sharded, offloaded or shared) base model
+is never copied, moved, synchronised or mutated.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from . import runtime
+from .trees import Params, is_trainable
+
+
+def _leaf_name(path: str, variant: str, leaf: str, taken: set[str], module: nn.Module) -> str:
+    """A registrable attribute name for one leaf: the checkpoint key with dots as double
+    underscores (module paths hold dots, which ``register_parameter`` refuses), made unique."""
+    name = f"{path}.{variant}.{leaf}".replace(".", "__")
+    unique, n = name, 1
+    while unique in taken or hasattr(module, unique):  # e.g. paths "a__b.c" and "a.b__c"
+        unique, n = f"{name}_{n}", n + 1
+    return unique
+
+
+class Adapted(nn.Module):
+    """``model`` with the adapters ``params``, as an ``nn.Module`` whose parameters are the adapters.
+
+    Args:
+        model: the base model. It is held in a plain attribute (``.model``), not registered as a
+            submodule: ``parameters()``, ``state_dict()``, ``.to()``, ``.train()`` / ``.eval()``,
+            DDP and Trainer never see, move, synchronise or change it. Place it (device, FSDP2
+            sharding, ``device_map``) and set its train/eval mode yourself.
+        params: a params tree from ``lf.init`` / ``lf.load`` (``{path: {variant: {leaf: Tensor}}}``).
+            Its leaves are *copied* into the module: trainable leaves (the variant's
+            ``TRAINABLE``) become ``nn.Parameter``s, the others (scales, frozen bases, steering
+            alpha) persistent buffers. ``params`` itself is left as it was.
+        base: the weights of a stateless model (a meta-device skeleton), as ``lf.call`` takes them.
+
+    ``forward(*args, **kwargs)`` is ``lf.call(model, self.params, *args, base=base, **kwargs)``, so
+    it returns what the model returns (with ``labels=``, a Hugging Face model's output ``.loss``),
+    and takes ``lf.call``'s keywords (``route=``, ``base=``, ``freeze_base=``).
+
+    Leaves are registered under their checkpoint key with ``.`` replaced by ``__`` (for example
+    ``model__layers__0__self_attn__q_proj__lora__A``); ``tree_keys`` maps each registered name back
+    to ``(module_path, variant, leaf)``. ``state_dict()`` holds exactly the adapter leaves,
+    trainable and frozen, and ``load_state_dict`` restores them exactly; ``lf.save(path,
+    module.params)`` writes a lite_fn checkpoint.
+
+    Example:
+        >>> module = lf.Adapted(model, lf.init(0, model, lf.LoRAConfig(r=8), targets=r"q_proj$"))
+        >>> opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+        >>> module(ids, labels=ids).loss.backward(); opt.step()
+        >>> lf.save("adapter.safetensors", module.params)
+    """
+
+    def __init__(self, model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"lf.Adapted(model, params): model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(params, dict) or not params:
+            raise TypeError(f"lf.Adapted(model, params): params must be a non-empty dict from lf.init or lf.load "
+                            f"({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}")
+        # outside nn.Module's registries on purpose: not a submodule (see the class docstring)
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "base", base)
+        keys: dict[str, tuple[str, str, str]] = {}
+        for path, by_variant in params.items():
+            if not isinstance(by_variant, dict) or len(by_variant) != 1:
+                raise ValueError(f"params[{path!r}] must hold exactly one variant, got "
+                                 f"{list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}")
+            (variant, leaves), = by_variant.items()
+            if not isinstance(leaves, dict):
+                raise TypeError(f"params[{path!r}][{variant!r}] must be a dict {{leaf: Tensor}}, got {type(leaves).__name__}")
+            for leaf, value in leaves.items():
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"params[{path!r}][{variant!r}][{leaf!r}] is a {type(value).__name__}; every leaf must be a Tensor")
+                name = _leaf_name(path, variant, leaf, set(keys), self)
+                own = value.detach().clone()
+                if is_trainable(variant, leaf):  # KeyError naming the known variants for an unknown one
+                    self.register_parameter(name, nn.Parameter(own))
+                else:
+                    self.register_buffer(name, own)
+                keys[name] = (path, variant, leaf)
+        object.__setattr__(self, "_tree_keys", keys)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("model", "base"):
+            raise AttributeError(f"lf.Adapted.{name} is fixed at construction (the base model stays outside the module "
+                                 f"tree); build a new one: lf.Adapted(other_model, adapted.params)")
+        super().__setattr__(name, value)
+
+    @property
+    def tree_keys(self) -> dict[str, tuple[str, str, str]]:
+        """``{registered name: (module_path, variant, leaf)}`` for every leaf, in ``params`` order."""
+        return dict(self._tree_keys)
+
+    @property
+    def params(self) -> Params:
+        """The current params tree: this module's own parameters and buffers (no copies), so
+        ``lf.call(adapted.model, adapted.params, x)`` is ``adapted(x)`` and gradients reach them."""
+        out: Params = {}
+        for name, (path, variant, leaf) in self._tree_keys.items():
+            out.setdefault(path, {}).setdefault(variant, {})[leaf] = getattr(self, name)
+        return out
+
+    def forward(self, *args, **kwargs):
+        kwargs.setdefault("base", self.base)
+        return runtime.call(self.model, self.params, *args, **kwargs)
+
+    # Read by transformers.Trainer on the module it trains; mirrored from the base model so the
+    # loss is normalised as for the bare model (token counts over shifted causal-LM labels).
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """The base model's ``accepts_loss_kwargs`` (or whether its ``forward`` takes ``**kwargs``)."""
+        own = getattr(self.model, "accepts_loss_kwargs", None)
+        if own is not None:
+            return bool(own)
+        try:
+            sig = inspect.signature(self.model.forward)
+        except (TypeError, ValueError):
+            return False
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+    @property
+    def loss_type(self):
+        """The base model's ``loss_type`` (None when it has none)."""
+        return getattr(self.model, "loss_type", None)
+
+    def extra_repr(self) -> str:
+        layers = {path for path, _, _ in self._tree_keys.values()}
+        names = sorted({variant for _, variant, _ in self._tree_keys.values()})
+        n_train = sum(p.numel() for p in self.parameters())
+        n_all = n_train + sum(b.numel() for b in self.buffers())
+        return (f"model={type(self.model).__name__}, layers={len(layers)}, variants={names}, "
+                f"trainable={n_train:,} of {n_all:,} adapter values")
