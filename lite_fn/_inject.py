@@ -15,19 +15,28 @@ and hands every call it does not answer to the outer one), hooks installed by ot
 (accelerate's instance ``forward``, FSDP2's parameter swaps) run as they are, and an exception
 leaves nothing behind. The weight is looked up on the module at the moment of the call, so a
 wrapper that swaps it for an unsharded or on-device copy during the forward still matches.
-Limits: a layer is recognised only through its kind's operation on its own weight; a targeted
-layer that the forward never computes that way is reported after the call (``missed``), never
-skipped silently.
+Module kinds (bitsandbytes' quantized layers: their packed weight never reaches a plain op) are
+adapted around the module's own call instead: one process-wide forward hook (torch's
+``register_module_forward_hook``), installed the first time such a layer is adapted, looks up the
+calling thread's active modes and, if one targets the module, returns the handler's output with a
+``_layers.QuantizedWeight`` whose product for the module's own input is the output the layer just
+computed. On every other module and thread the hook returns at once.
+
+Limits: a layer is recognised only through its kind's operation on its own weight (or its own
+call, for module kinds); a targeted layer that the forward never computes that way is reported
+after the call (``missed``), never skipped silently.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._layers import LayerKind
+from ._layers import LayerKind, QuantizedWeight
 
 # (x, W as (d_out, d_in), bias or None, the layer's own base product) -> the layer's output
 Handler = Callable[[Tensor, Tensor, "Tensor | None", Callable[[], Tensor]], Tensor]
@@ -47,10 +56,42 @@ class _Mode(TorchFunctionMode):
         self.swap = swap  # id(model tensor) -> the tensor to use instead
         self.freeze = freeze
         self.by_op: dict = {}
+        self.by_module: dict[int, Layer] = {}
         for layer in layers:
-            self.by_op.setdefault(layer.kind.op, []).append(layer)
-        self.by_weight = {id(layer.module.weight): layer for layer in layers}
+            if layer.kind.op is None:
+                self.by_module[id(layer.module)] = layer
+            else:
+                self.by_op.setdefault(layer.kind.op, []).append(layer)
+        self.by_weight = {id(layer.module.weight): layer for layer in layers if layer.kind.op is not None}
         self.hit: set[str] = set()
+        if self.by_module:
+            _install_module_hook()
+
+    def __enter__(self):
+        out = super().__enter__()
+        _active_modes().append(self)
+        return out
+
+    def __exit__(self, *exc):
+        stack = _active_modes()
+        if stack and stack[-1] is self:
+            stack.pop()
+        return super().__exit__(*exc)
+
+    def module_output(self, layer: Layer, args: tuple, output: Tensor) -> Tensor:
+        """A module kind's adapted output, from the input it was called with and its own output."""
+        self.hit.add(layer.path)
+        x = args[0]
+        gradient_ok = layer.kind.passes_gradient is None or layer.kind.passes_gradient(layer.module)
+        if torch.is_grad_enabled() and x.requires_grad and not (output.requires_grad and gradient_ok):
+            raise RuntimeError(
+                f"{layer.path}: the quantized layer ({type(layer.module).__name__}) returns an output with no gradient to its "
+                f"input, so adapters before it would silently get wrong (zero) gradients. bitsandbytes does this on CPU "
+                f"once a 4-bit layer has run in eval mode without gradients (it repacks the weight for inference); for "
+                f"inference run under torch.no_grad(); to train, call model.train() before the first forward, or reload it")
+        b = getattr(layer.module, "bias", None)
+        b = None if b is None else self._value(b)
+        return layer.handler(x, QuantizedWeight(layer.module, layer.kind, x, output), b, lambda: output)
 
     def _match(self, func, args, kwargs) -> Layer | None:
         layers = self.by_op[func]
@@ -96,13 +137,43 @@ class _Mode(TorchFunctionMode):
         return [layer.path for layer in self.layers if layer.path not in self.hit]
 
 
+_local = threading.local()
+_hook_lock = threading.Lock()
+_hook_handle = None
+
+
+def _active_modes() -> list[_Mode]:
+    stack = getattr(_local, "modes", None)
+    if stack is None:
+        stack = _local.modes = []
+    return stack
+
+
+def _module_hook(module: nn.Module, args: tuple, output):
+    stack = getattr(_local, "modes", None)
+    if not stack:
+        return None
+    for m in reversed(stack):  # the innermost active call that targets this module adapts it
+        layer = m.by_module.get(id(module))
+        if layer is not None and layer.module is module:
+            return m.module_output(layer, args, output)
+    return None
+
+
+def _install_module_hook() -> None:
+    global _hook_handle
+    with _hook_lock:  # installed once and kept: removing a global hook while other threads iterate them is unsafe
+        if _hook_handle is None:
+            _hook_handle = nn.modules.module.register_module_forward_hook(_module_hook)
+
+
 def mode(layers: list[Layer], swap: dict[int, Tensor], freeze: bool) -> _Mode:
     """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward."""
     return _Mode(layers, swap, freeze)
 
 
 def missed_error(paths: list[str], what: str) -> RuntimeError:
-    kinds = "F.linear (nn.Linear) or torch.addmm (Conv1D)"
+    kinds = "F.linear (nn.Linear), torch.addmm (Conv1D) or their own call (quantized layers)"
     return RuntimeError(
         f"{what}: targeted layers {paths} were never computed through {kinds} with their own weight during the forward, "
         f"so their adapters did not act. Drop them from params/targets if the forward does not use them; if the model "

@@ -1,10 +1,17 @@
 """Which modules can carry an adapter: one ``LayerKind`` entry per layer type.
 
-A kind says how to recognise the module, which torch function its forward computes its frozen
-product with (the injection in ``_inject`` intercepts exactly that function when the module's
-*current* weight reaches it), how to read the input and bias from that function's arguments, and
-how a dense (d_out, d_in) weight relates to the stored one. Adding a layer type is one entry here;
-nothing else in the library knows about layer types.
+A kind says how to recognise the module and how its frozen product is reached:
+
+- *op kinds* (nn.Linear, GPT-2's Conv1D) name the torch function their forward computes with the
+  weight (the injection in ``_inject`` intercepts exactly that function when the module's *current*
+  weight reaches it), how to read the input and bias from its arguments, and how a dense
+  (d_out, d_in) weight relates to the stored one;
+- *module kinds* (bitsandbytes' 4-bit and 8-bit layers, whose packed weight never reaches a plain
+  op) are adapted around the module's own call: the variant's ``apply`` receives a
+  ``QuantizedWeight`` instead of a tensor, whose ``F.linear`` is the layer's own quantized kernel and
+  whose every other use sees the dequantized values (detached), as peft's DoRA norm does.
+
+Adding a layer type is one entry here; nothing else in the library knows about layer types.
 """
 from __future__ import annotations
 
@@ -18,11 +25,14 @@ from torch import Tensor, nn
 class LayerKind(NamedTuple):
     name: str
     matches: Callable[[nn.Module], bool]
-    op: Callable[..., Any]  # the torch function the module's forward calls with its weight
+    op: Callable[..., Any] | None  # the torch function the forward calls with its weight; None: a module kind
     weight_arg: int  # position of the stored weight in ``op``'s arguments
     unpack: Callable[[tuple, dict], tuple[Tensor, Tensor | None] | None]  # (x, bias) or None: not a plain call
-    dense: Callable[[Tensor], Tensor]  # stored weight -> (d_out, d_in)
-    store: Callable[[Tensor], Tensor]  # (d_out, d_in) -> stored layout
+    dense: Callable[[Tensor], Tensor]  # stored weight -> (d_out, d_in) values (dequantized for module kinds)
+    store: Callable[[Tensor], Tensor]  # (d_out, d_in) -> stored layout (dense for module kinds)
+    product: Callable[[nn.Module, Tensor, "Tensor | None"], Tensor] | None = None  # module kinds: x Wᵀ + b by the layer's kernel
+    compute_dtype: Callable[[nn.Module], torch.dtype] | None = None  # module kinds: the dtype the layer computes in
+    passes_gradient: Callable[[nn.Module], bool] | None = None  # module kinds: False when the kernel drops input grads
 
 
 def _is_plain_linear(m: nn.Module) -> bool:
@@ -50,10 +60,122 @@ def _addmm_args(args: tuple, kwargs: dict):
     return args[1], args[0]
 
 
+# ----------------------------------------------------------------------------- bitsandbytes (optional)
+def _is_bnb(class_name: str) -> Callable[[nn.Module], bool]:
+    # matched by class, so bitsandbytes stays optional (imported only when such a layer is adapted)
+    return lambda m: type(m).__name__ == class_name and type(m).__module__.startswith("bitsandbytes")
+
+
+def _dequantize_4bit(w: Tensor) -> Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).detach()
+
+
+def _product_4bit(m: nn.Module, x: Tensor, b: Tensor | None) -> Tensor:
+    import bitsandbytes as bnb
+
+    # Linear4bit.forward without its in-place caching: x in the compute dtype, the packed kernel, back to x's dtype
+    xc = x if m.compute_dtype is None else x.to(m.compute_dtype)
+    return bnb.matmul_4bit(xc, m.weight, bias=None if b is None else b.to(xc.dtype), quant_state=m.weight.quant_state).to(x.dtype)
+
+
+def _dtype_4bit(m: nn.Module) -> torch.dtype:
+    return m.compute_dtype or (m.bias.dtype if m.bias is not None else torch.get_default_dtype())
+
+
+def _passes_gradient_4bit(m: nn.Module) -> bool:
+    # bitsandbytes repacks a CPU 4-bit weight for inference on its first eval call without gradients; the
+    # repacked kernel (gemv_4bit) has no autograd formula, so the layer's input would silently get no gradient
+    return not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def _dequantize_8bit(w: Tensor) -> Tensor:
+    scb = w.SCB if getattr(w, "SCB", None) is not None else torch.ones(w.shape[0], device=w.device)
+    return (w.data.float() * scb.float()[:, None] / 127.0).detach()
+
+
+def _product_8bit(m: nn.Module, x: Tensor, b: Tensor | None) -> Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.matmul(x, m.weight, bias=b, state=m.state)
+
+
+def _dtype_8bit(m: nn.Module) -> torch.dtype:
+    return m.bias.dtype if m.bias is not None else torch.get_default_dtype()
+
+
+def _no_op_args(args: tuple, kwargs: dict):
+    return None
+
+
 KINDS: tuple[LayerKind, ...] = (
     LayerKind("nn.Linear", _is_plain_linear, torch.nn.functional.linear, 1, _linear_args, lambda w: w, lambda W: W),
     LayerKind("Conv1D", _is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W: W.T),
+    LayerKind("bitsandbytes Linear4bit", _is_bnb("Linear4bit"), None, 0, _no_op_args, _dequantize_4bit, lambda W: W,
+              _product_4bit, _dtype_4bit, _passes_gradient_4bit),
+    LayerKind("bitsandbytes Linear8bitLt", _is_bnb("Linear8bitLt"), None, 0, _no_op_args, _dequantize_8bit, lambda W: W,
+              _product_8bit, _dtype_8bit),
 )
+
+
+class QuantizedWeight:
+    """W of a module-kind (quantized) layer, as a variant's ``apply`` sees it.
+
+    ``F.linear(x, W, b)`` runs the layer's own quantized kernel — for the input the layer was
+    called with it is the layer's output itself (computed once, by the layer); any other use of W
+    (a weight norm, a transpose, ``W @ A.T``) sees its dequantized values, detached, computed when
+    needed and not kept. ``shape``, ``dtype`` and ``device`` are those of the dense weight.
+    """
+
+    ndim = 2
+
+    def __init__(self, module: nn.Module, kind: LayerKind, x: Tensor | None = None, y: Tensor | None = None):
+        self.module, self.kind, self._x, self._y = module, kind, x, y
+        self.shape = torch.Size((module.out_features, module.in_features))
+        self.dtype = kind.compute_dtype(module)
+        self.device = module.weight.device
+
+    def dense(self) -> Tensor:
+        return self.kind.dense(self.module.weight).to(self.dtype)
+
+    def linear(self, x: Tensor, b: Tensor | None) -> Tensor:
+        own_bias = self.module.bias
+        if self._x is not None and x is self._x:
+            if b is None and own_bias is not None:
+                return self._y - own_bias  # peft's DoRA subtracts the bias from the base result the same way
+            if b is None or own_bias is None or b is own_bias or torch.equal(b, own_bias):
+                return self._y
+        return self.kind.product(self.module, x, b)
+
+    def detach(self) -> Tensor:
+        return self.dense()
+
+    @property
+    def T(self) -> Tensor:
+        return self.dense().T
+
+    def __matmul__(self, other):
+        return self.dense() @ other
+
+    def __rmatmul__(self, other):
+        return other @ self.dense()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x = args[0] if args else kwargs["input"]
+            W = args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(W, cls) and not isinstance(x, cls):
+                return W.linear(x, b)
+        args = tuple(a.dense() if isinstance(a, cls) else a for a in args)
+        kwargs = {k: v.dense() if isinstance(v, cls) else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.kind.name}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
 def kind_of(module: nn.Module, path: str) -> LayerKind:
@@ -63,8 +185,8 @@ def kind_of(module: nn.Module, path: str) -> LayerKind:
     if isinstance(module, nn.Linear):
         raise TypeError(
             f"module {path!r} is a {type(module).__module__}.{type(module).__name__}, an nn.Linear subclass with its own "
-            f"forward (e.g. a quantized layer whose weight is packed); lite_fn cannot adapt it exactly — exclude it from "
-            f"`targets` or load the model without quantization")
+            f"forward that lite_fn does not know (it adapts nn.Linear, Conv1D and bitsandbytes' Linear4bit/Linear8bitLt); "
+            f"it cannot adapt it exactly — exclude it from `targets`")
     raise TypeError(
         f"module {path!r} is a {type(module).__name__}; lite_fn adapts nn.Linear and transformers' Conv1D only — "
         f"narrow `targets` so it matches linear layers (e.g. r'(q_proj|v_proj)$')"
@@ -81,5 +203,5 @@ def stored_weight(module: nn.Module) -> Tensor:
 
 
 def weight_bias(module: nn.Module, path: str) -> tuple[Tensor, Tensor | None]:
-    """(W (d_out, d_in), b or None) as the module currently holds them."""
+    """(W (d_out, d_in), b or None) as the module currently holds them (dequantized for module kinds)."""
     return kind_of(module, path).dense(module.weight), getattr(module, "bias", None)

@@ -117,9 +117,17 @@ def _base_swap(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor],
 
 
 def _current(module: nn.Module, kind: _layers.LayerKind, swap: dict[int, Tensor]) -> Tensor:
-    """The module's weight as (d_out, d_in), with ``base=`` / detaching applied."""
+    """The module's weight as (d_out, d_in), with ``base=`` / detaching applied; for a quantized
+    (module) kind, a ``QuantizedWeight`` (shape, dtype, device; values on demand)."""
+    if kind.op is None:
+        return _layers.QuantizedWeight(module, kind)  # type: ignore[return-value]
     w = module.weight
     return kind.dense(swap.get(id(w), w))
+
+
+def _values(W) -> Tensor:
+    """Dense values of a weight (dequantized for quantized layers): what init and merge read."""
+    return W.dense() if isinstance(W, _layers.QuantizedWeight) else W
 
 
 # ----------------------------------------------------------------------------- init
@@ -142,7 +150,7 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
     swap, _ = _base_swap(model, base, freeze=True)
     modules = dict(model.named_modules())
     paths = target_paths(model, targets)
-    weights = {p: _current(modules[p], _layers.kind_of(modules[p], p), swap).detach() for p in paths}
+    weights = {p: _values(_current(modules[p], _layers.kind_of(modules[p], p), swap)).detach() for p in paths}
     meta = [p for p, W in weights.items() if W.is_meta]
     if meta:
         raise ValueError(f"the weights of {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device (a skeleton or an "
@@ -252,6 +260,9 @@ def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Te
         else:
             raise ValueError(f"route has {B} entries but the input to {path} has shape {tuple(x.shape)}; its leading dimension "
                              f"must be the batch (or batch × sequence, example-major); pass one adapter index per example")
+        if isinstance(W, _layers.QuantizedWeight):  # the quantized kernel cannot run under vmap: one group per adapter
+            y = _grouped(variant, leaves, route, xs, W, b, seed)
+            return y if xs is x else y.reshape(N, *y.shape[2:])
         per_example = optree.tree_map(lambda v: v[route], leaves)
         if seed is None:
             y = vmap(variant.apply, in_dims=(0, None, 0, None))(per_example, W, xs, b)
@@ -260,6 +271,25 @@ def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Te
             y = vmap(variant.apply, in_dims=(0, None, 0, None, 0))(per_example, W, xs, b, noise)
         return y if xs is x else y.reshape(N, *y.shape[2:])
     return handler
+
+
+def _grouped(variant: ModuleType, leaves: dict[str, Tensor], route: Tensor, xs: Tensor, W: _layers.QuantizedWeight,
+             b: Tensor | None, seed: int | None) -> Tensor:
+    """Routed rows of a quantized layer: one ``apply`` per adapter present, on its own rows, with the
+    layer's own output for those rows as the base product (its kernel cannot run under vmap)."""
+    y = W._y  # the layer's output for its whole input, or None
+    ys = None if y is None else y.reshape(*xs.shape[:-1], y.shape[-1])
+    noise = _noise(seed, xs)
+    out = None
+    for k in torch.unique(route).tolist():
+        index = (route == k).nonzero().squeeze(1)
+        x_k = xs[index]
+        W_k = _layers.QuantizedWeight(W.module, W.kind, x_k, None if ys is None else ys[index])
+        extra = () if noise is None else (noise[index],)
+        y_k = variant.apply(optree.tree_map(lambda v: v[k], leaves), W_k, x_k, b, *extra)
+        out = y_k.new_zeros((xs.shape[0], *y_k.shape[1:])) if out is None else out
+        out = out.index_copy(0, index, y_k)
+    return out
 
 
 def _applying(entry: _Entry, route: Tensor | None, key) -> _inject.Handler:
@@ -354,7 +384,7 @@ def merge(model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None
             raise ValueError(f"{path}.weight is tied to {[n for n in names if n != path + '.weight']}: a merged "
                              f"{path}.weight passed to functional_call would replace those too. Untie it first "
                              f"(model.{path}.weight = nn.Parameter(model.{path}.weight.clone())) or use lf.call")
-        W = _current(module, kind, swap)
+        W = _values(_current(module, kind, swap))
         b = getattr(module, "bias", None)
         b = None if b is None else swap.get(id(b), b).detach()
         W_new, b_new = variants.merge(variant, leaves, W.detach(), b)
