@@ -158,14 +158,14 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
     cfgs = {p: cfg for p in paths}
 
     stats = {}
-    if hasattr(variant, "stat"):
+    if variant.stat is not None:
         stats = {p: variant.stat(cfg, weights[p]) for p in paths}
         stats = {p: s for p, s in stats.items() if s is not None}
     if stats:
         if calibration is None:
             raise ValueError(f"{type(cfg).__name__} initialises from data: pass calibration=<iterable of model inputs> to lf.init")
         calib.collect(model, stats, calibration, progress=progress, max_batches=max_batches, base=base)
-        if hasattr(variant, "plan"):
+        if variant.plan is not None:
             cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape) for p, W in weights.items()})
     elif calibration is not None:  # never ignore data the caller thought was used
         raise ValueError(f"{cfg!r} does not use calibration data; drop calibration=… (or use a data-driven config, "

@@ -23,14 +23,14 @@ def make_layer(d_out, d_in, seed=0, dtype=torch.float32):
 
 def layer_params(name, cfg, W, key=0, seed=1):
     """init for one layer; data-driven variants get a random calibration statistic."""
-    mod = variants.get(name)
+    variant = variants.get(name)
     stat = None
-    if hasattr(mod, "stat"):
+    if variant.stat is not None:
         g = torch.Generator().manual_seed(seed)
-        stat = mod.stat(cfg, W)  # None when this config needs no data
+        stat = variant.stat(cfg, W)  # None when this config needs no data
         for _ in range(3 if stat is not None else 0):
             stat.update(torch.randn(64, W.shape[1], generator=g).to(W.dtype) * torch.linspace(2.0, 0.1, W.shape[1]).to(W.dtype))
-    return mod.init(key, W, cfg, stat)
+    return variant.init(key, W, cfg, stat)
 
 
 def perturb(params, seed, scale=0.1):
@@ -45,8 +45,7 @@ def perturb(params, seed, scale=0.1):
 
 
 def with_steering(name, params, value):
-    mod = variants.get(name)
-    leaf = getattr(mod, "STEERING_LEAF", None)
+    leaf = variants.get(name).STEERING_LEAF
     if leaf is None:
         return params
     return {**params, leaf: torch.tensor(value, dtype=params[leaf].dtype)}
@@ -122,3 +121,12 @@ def assert_stat_refuses_bad_batches(st, d_in, wrong_width, non_finite):
     with pytest.raises(ValueError, match="1 NaN/inf"):
         st.update(non_finite)
     assert st.tokens == 0
+
+
+def needs_calibration(cfg, model) -> bool:
+    """Whether lf.init needs calibration data for this config on this model (a data-driven variant)."""
+    variant = variants.module_for(cfg)
+    if variant.stat is None:
+        return False
+    W = next(m.weight for m in model.modules() if isinstance(m, nn.Linear))
+    return variant.stat(cfg, W.detach()) is not None

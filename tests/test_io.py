@@ -20,7 +20,7 @@ import lite_fn as lf
 from lite_fn import io as lio
 
 from cases import all_cases, case_id
-from helpers import perturb
+from helpers import needs_calibration, perturb
 from models import logits, tiny, tokens
 
 CASES = all_cases()
@@ -33,16 +33,8 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="FIFOs, SIGKILL, umas
 
 
 # ----------------------------------------------------------------------------- helpers
-def _needs_data(cfg, model):
-    mod = lf.variants.module_for(cfg)
-    if not hasattr(mod, "stat"):
-        return False
-    W = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return mod.stat(cfg, W.detach()) is not None
-
-
 def model_params(cfg, model, targets=QV, key=0):
-    return lf.init(key, model, cfg, targets=targets, calibration=CALIB if _needs_data(cfg, model) else None, progress=False)
+    return lf.init(key, model, cfg, targets=targets, calibration=CALIB if needs_calibration(cfg, model) else None, progress=False)
 
 
 def moved(params, seed):

@@ -6,7 +6,7 @@ from torch.func import vmap
 import lite_fn as lf
 
 from cases import all_cases, case_id
-from helpers import perturb, rel_err
+from helpers import needs_calibration, perturb, rel_err
 from models import logits, tiny, tokens
 
 CASES = all_cases()
@@ -15,15 +15,7 @@ CALIB = [tokens(2, 6, seed=100 + i) for i in range(3)]
 
 
 def model_params(cfg, model, key=0, **kw):
-    return lf.init(key, model, cfg, calibration=CALIB if _needs_data(cfg, model) else None, progress=False, **kw)
-
-
-def _needs_data(cfg, model):
-    mod = lf.variants.module_for(cfg)
-    if not hasattr(mod, "stat"):
-        return False
-    W = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return mod.stat(cfg, W.detach()) is not None
+    return lf.init(key, model, cfg, calibration=CALIB if needs_calibration(cfg, model) else None, progress=False, **kw)
 
 
 def moved(params, seed):

@@ -1,48 +1,70 @@
-"""The variant registry: one module per variant, discovered from this package.
+"""The variant registry: one module per variant, discovered from this package, plus any variant a
+user registers with ``lf.register_variant``.
 
-A variant module defines
+The contract (``lite_fn._contract``): a variant defines
     NAME: str                               # the key under params[module_path]
+    TRAINABLE: frozenset[str]               # leaves an optimizer updates; the rest are frozen
     Config                                  # frozen dataclass with ``variant_name: ClassVar[str] = NAME``
     init(key, W, cfg, stat=None) -> dict    # pure; same key -> bit-identical params
     apply(params, W, x, b=None) -> Tensor   # pure; no config; linear in x
+    shapes(leaves, d_out, d_in) -> dict     # the exact leaf shapes for W of (d_out, d_in)
 and optionally
-    RANDOM_INIT: bool = True                # False when init draws no random numbers
-    random_init(cfg) -> bool                # the same, when it depends on the config (PiSSA's niter)
     STEERING_LEAF: str                      # a scalar leaf that lf.with_alpha sets (AntiPaSTO)
-and, when its init is data-driven,
-    stat(cfg, W) -> Stat                    # a streaming input statistic (see lite_fn.calibration)
-    plan(stats, cfgs) -> cfgs               # optional cross-layer step (EVA's rank budget)
+    random_init(cfg) -> bool                # whether init draws random numbers (default True)
+    stat(cfg, W) -> Stat | None             # a streaming input statistic (data-driven init)
+    plan(stats, cfgs, dims) -> cfgs         # a cross-layer step (EVA's rank budget)
 
-The runtime looks variants up here by ``cfg.variant_name`` and never branches on a name.
+The registry holds a ``VariantSpec`` per name (absent hooks are ``None``); the runtime looks
+variants up here by ``cfg.variant_name`` and never branches on a name.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from types import ModuleType
+from typing import Any
 
-REGISTRY: dict[str, ModuleType] = {}
+from .._contract import VariantSpec
+
+REGISTRY: dict[str, VariantSpec] = {}
+
+
+def register(variant: Any, *, replace: bool = False) -> VariantSpec:
+    """Register a variant (a module or object meeting ``lite_fn._contract.Variant``) under its NAME.
+
+    Args:
+        variant: the variant; its ``Config.variant_name`` must equal its ``NAME``.
+        replace: allow replacing a registered variant of the same NAME.
+    Returns:
+        The registered ``VariantSpec``.
+    Raises:
+        TypeError / ValueError naming a missing member or a bad NAME; ValueError when NAME is taken.
+    """
+    spec = VariantSpec.of(variant)
+    if spec.NAME in REGISTRY and not replace and REGISTRY[spec.NAME].source is not spec.source:
+        raise ValueError(f"a variant named {spec.NAME!r} is already registered; pick another NAME or pass replace=True")
+    REGISTRY[spec.NAME] = spec
+    return spec
+
+
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name.startswith("_"):
-        continue
-    _mod = importlib.import_module(f"{__name__}.{_info.name}")
-    REGISTRY[_mod.NAME] = _mod
+    if not _info.name.startswith("_"):
+        register(importlib.import_module(f"{__name__}.{_info.name}"))
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> VariantSpec:
     if name not in REGISTRY:
-        raise KeyError(f"unknown variant {name!r}; known variants: {sorted(REGISTRY)}")
+        raise KeyError(f"unknown variant {name!r}; known variants: {sorted(REGISTRY)} (register your own with lf.register_variant)")
     return REGISTRY[name]
 
 
-def module_for(cfg) -> ModuleType:
+def module_for(cfg) -> VariantSpec:
     name = getattr(type(cfg), "variant_name", None)
     if name is None:
         raise TypeError(f"{cfg!r} is not a lite_fn config; use one of lite_fn.LoRAConfig, DoRAConfig, … (variants: {sorted(REGISTRY)})")
     return get(name)
 
 
-def merge(mod: ModuleType, params: dict, W, b=None):
+def merge(variant: VariantSpec, params: dict, W, b=None):
     """Dense (W', b') with apply(params, W, x, b) == x W'ᵀ + b' for all x.
 
     Every variant is affine in x, so W'ᵀ = apply(·, I) − apply(·, 0) and b' = apply(·, 0):
@@ -52,6 +74,6 @@ def merge(mod: ModuleType, params: dict, W, b=None):
 
     d_in = W.shape[-1]
     eye = torch.eye(d_in, dtype=W.dtype, device=W.device)
-    b_new = mod.apply(params, W, torch.zeros(1, d_in, dtype=W.dtype, device=W.device), b)[0]
-    W_new = (mod.apply(params, W, eye, b) - b_new).transpose(-1, -2)
+    b_new = variant.apply(params, W, torch.zeros(1, d_in, dtype=W.dtype, device=W.device), b)[0]
+    W_new = (variant.apply(params, W, eye, b) - b_new).transpose(-1, -2)
     return W_new, (b_new if b is not None else None)  # with b=None, apply(·, 0) is exactly 0

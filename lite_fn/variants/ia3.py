@@ -22,7 +22,12 @@ from .. import _checks, _keys
 
 NAME = "ia3"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
-RANDOM_INIT = False
+
+
+def random_init(cfg) -> bool:
+    """init draws no random numbers: every key gives the same params."""
+    return False
+
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,6 @@ from .lora import shapes as lora_shapes
 
 NAME = "pissa"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
-# Per config, init draws random numbers only when niter is set: see random_init(cfg).
-RANDOM_INIT = True
 
 
 def random_init(cfg: "PiSSAConfig") -> bool:

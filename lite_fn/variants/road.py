@@ -29,7 +29,13 @@ from .. import _checks, _keys
 
 NAME = "road"
 TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
-RANDOM_INIT = False
+
+
+def random_init(cfg) -> bool:
+    """init draws no random numbers: every key gives the same params."""
+    return False
+
+
 VARIANTS = ("road_1", "road_2", "road_4")
 
 
