@@ -8,13 +8,13 @@ reports ``converged``.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from . import _inject, _layers
-from ._progress import Progress
+from . import _base, _inject, _layers
 
 
 def _run(model: nn.Module, batch):
@@ -25,18 +25,17 @@ def _run(model: nn.Module, batch):
     return model(batch)
 
 
-def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = True, max_batches: int | None = None,
+def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool | None = None, max_batches: int | None = None,
             base=None) -> dict:
     """Update ``stats[path]`` with the inputs the module at ``path`` receives; returns ``stats``
     (shared statistics replace their duplicates, so equal entries are the same object).
 
     The inputs are read by the same injection as ``lf.call`` (nothing is assigned to the model);
-    ``base`` hands in the weights of a stateless model."""
-    from .runtime import _base_swap
-
-    swap, _ = _base_swap(model, base, freeze=True)
-    total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
-    bar = Progress("lite_fn calibration", total=total, enabled=progress)
+    ``base`` hands in the weights of a stateless model. ``progress``: a tqdm bar on stderr; None
+    shows it only on a terminal, True always, False never."""
+    swap, _ = _base.swap_map(model, base, freeze=True)
+    total = max_batches if max_batches is not None else (len(data) if isinstance(data, Sized) else None)
+    bar = tqdm(total=total, desc="lite_fn calibration", unit="batch", disable=None if progress is None else not progress)
     batch_no = 0
     # share_key -> (the last input tensor a statistic with that key took, its path). Holding the
     # tensor keeps its identity meaningful (no address reuse); q/k/v receive the same object.
@@ -71,10 +70,11 @@ def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool = T
                 raise _inject.missed_error(missed, "calibration")
             batch_no += 1
             tokens = min(s.tokens for s in stats.values())
-            bar.update(1, tokens=tokens)
+            bar.set_postfix(tokens=tokens, refresh=False)
+            bar.update(1)
             if all(s.converged for s in stats.values()) or (max_batches is not None and batch_no >= max_batches):
                 break
-    bar.close(tokens=min((s.tokens for s in stats.values()), default=0))
+    bar.close()
     if batch_no == 0:
         raise ValueError("calibration data was empty; pass an iterable with at least one batch of model inputs")
     return stats

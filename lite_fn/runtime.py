@@ -10,7 +10,6 @@ import contextlib
 import difflib
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from types import ModuleType
 from typing import NamedTuple
 
 import optree
@@ -18,7 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import _checks, _inject, _keys, _layers, linalg, variants
+from . import _base, _checks, _inject, _keys, _layers, linalg, variants
+from ._contract import VariantSpec
+from .calibration import collect as collect_statistics
 from .trees import Params, _declared, _functorch_wrapped
 
 
@@ -30,8 +31,21 @@ _DEFAULT_EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|sc
 def target_paths(model: nn.Module, targets: str | Sequence[str] | None = None) -> list[str]:
     """Module paths that ``targets`` selects (regex search on ``named_modules()`` names).
 
-    ``targets=None``: every nn.Linear / Conv1D except output heads (the module returned by
-    ``get_output_embeddings()`` and names like lm_head, score, classifier).
+    Args:
+        model: any nn.Module.
+        targets: a regex or a list of regexes searched in module paths; ``None``: every nn.Linear /
+            Conv1D / quantized linear except output heads (``get_output_embeddings()`` and names like
+            lm_head, score, classifier).
+    Returns:
+        The matching module paths, in ``named_modules()`` order.
+    Raises:
+        ValueError: a bad regex, or nothing matches (the message lists linear layers that exist).
+        TypeError: a match is not a layer lite_fn can adapt (names the module and its type).
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> lf.target_paths(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+        ['0', '2']
     """
     modules = dict(model.named_modules())
     if targets is None:
@@ -60,62 +74,6 @@ def _match_targets(model, modules, targets) -> list[str]:
     return paths
 
 
-# ----------------------------------------------------------------------------- base weights
-def _base_swap(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor], dict[int, list[str]]]:
-    """(swap, aliases): ``swap`` maps id(model tensor) -> the tensor a forward should use (the
-    detached weight when ``freeze``, or ``base[name]`` for a stateless model); ``aliases`` maps
-    id(parameter) -> every name it has (tied weights have several)."""
-    aliases: dict[int, list[str]] = {}
-    owners: dict[int, Tensor] = {}
-    named = list(model.named_parameters(remove_duplicate=False))
-    if base is not None:
-        named += list(model.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        aliases.setdefault(id(t), []).append(name)
-        owners[id(t)] = t
-    swap: dict[int, Tensor] = {}
-    if base is None:
-        if freeze:
-            swap = {i: t.detach() for i, t in owners.items() if t.requires_grad and not t.is_meta}
-        return swap, aliases
-    if not isinstance(base, Mapping):
-        raise TypeError(f"base must be a dict {{parameter or buffer name: Tensor}} (as torch.func.functional_call takes), got {type(base).__name__}")
-    known = {n for names in aliases.values() for n in names}
-    extra = sorted(set(base) - known)
-    if extra:
-        hints = {n: difflib.get_close_matches(str(n), known, n=1) for n in extra[:5]}
-        raise ValueError(f"base has names that are not parameters or buffers of {type(model).__name__}: "
-                         + ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items()))
-    missing = []
-    for i, names in aliases.items():
-        t = owners[i]
-        given = [n for n in names if n in base]
-        if not given:
-            if t.is_meta:
-                missing.append(names[0])
-            elif freeze and t.requires_grad:
-                swap[i] = t.detach()
-            continue
-        value = base[given[0]]
-        for n in given[1:]:
-            if base[n] is not value:
-                raise ValueError(f"base[{given[0]!r}] and base[{n!r}] are different tensors, but the model ties them (one "
-                                 f"parameter); pass one of the two names")
-        if not isinstance(value, Tensor):
-            raise TypeError(f"base[{given[0]!r}] is a {type(value).__name__}; pass a Tensor")
-        if tuple(value.shape) != tuple(t.shape):
-            raise ValueError(f"base[{given[0]!r}] has shape {tuple(value.shape)} but the model's {given[0]!r} has shape "
-                             f"{tuple(t.shape)}")
-        swap[i] = value.detach() if freeze else value
-    if missing:
-        raise ValueError(f"base is missing {len(missing)} tensors that the model holds on the meta device: {missing[:6]}"
-                         f"{' …' if len(missing) > 6 else ''}. Non-persistent buffers (e.g. rotary inv_freq) are not in a state_dict: add "
-                         f"them, e.g. from a real model's named_buffers(). A tied weight (e.g. lm_head.weight) is missing when "
-                         f"the skeleton lost its ties: `.to('meta')` unties them; call skeleton.tie_weights() or build the "
-                         f"skeleton under `with torch.device('meta'):`")
-    return swap, aliases
-
-
 def _current(module: nn.Module, kind: _layers.LayerKind, swap: dict[int, Tensor]) -> Tensor:
     """The module's weight as (d_out, d_in), with ``base=`` / detaching applied; for a quantized
     (module) kind, a ``QuantizedWeight`` (shape, dtype, device; values on demand)."""
@@ -132,22 +90,42 @@ def _values(W) -> Tensor:
 
 # ----------------------------------------------------------------------------- init
 def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | None = None,
-         calibration: Iterable | None = None, *, progress: bool = True, max_batches: int | None = None,
+         calibration: Iterable | None = None, *, progress: bool | None = None, max_batches: int | None = None,
          base: Mapping[str, Tensor] | None = None) -> Params:
     """Adapter params for every targeted layer: ``{path: {variant: {leaf: Tensor}}}``.
 
     Each layer's key is ``fold_in(key, path)``, so a layer's params do not depend on which
-    other layers are targeted. Data-driven variants (EVA, AntiPaSTO with select="data") read
-    ``calibration``, an iterable of model inputs (tensor, tuple, or kwargs dict), streamed once
-    (at most ``max_batches`` batches; ``progress`` shows a bar). ``base``: the weights of a
-    stateless model (see ``call``).
-    """
-    from . import calibration as calib
+    other layers are targeted. Trainable leaves (the variant's ``TRAINABLE``) have
+    ``requires_grad=True``; every leaf is contiguous and has the weight's dtype and device.
 
+    Args:
+        key: an int seed (or a 0-d integer tensor); the same key gives bit-identical params.
+        model: the model; it is never modified.
+        cfg: a variant config, e.g. ``lf.LoRAConfig(r=8, alpha=16)``.
+        targets: which layers (see ``target_paths``).
+        calibration: for data-driven configs (EVA, AntiPaSTO with ``select="data"``): an iterable
+            of model inputs (tensors, tuples or kwargs dicts), streamed once with fixed memory.
+        progress: a calibration progress bar (tqdm) on stderr: None shows it on a terminal only, True
+            always, False never.
+        max_batches: read at most this many calibration batches (a positive int).
+        base: the weights of a stateless model, ``{name: Tensor}`` (see ``call``).
+    Returns:
+        The params tree.
+    Raises:
+        ValueError / TypeError naming the bad config value, target, key, calibration input or
+        ``base`` entry; calibration given to a config that does not use it is an error too.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> params = lf.init(0, model, lf.LoRAConfig(r=2, alpha=4), targets=r"^0$")
+        >>> {k: tuple(v.shape) for k, v in params["0"]["lora"].items()}
+        {'A': (2, 8), 'B': (8, 2), 'scale': ()}
+    """
     variant = variants.module_for(cfg)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
         raise ValueError(f"max_batches={max_batches!r} must be a positive int (or None for all of the calibration data)")
-    swap, _ = _base_swap(model, base, freeze=True)
+    swap, _ = _base.swap_map(model, base, freeze=True)
     modules = dict(model.named_modules())
     paths = target_paths(model, targets)
     weights = {p: _values(_current(modules[p], _layers.kind_of(modules[p], p), swap)).detach() for p in paths}
@@ -164,7 +142,7 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
     if stats:
         if calibration is None:
             raise ValueError(f"{type(cfg).__name__} initialises from data: pass calibration=<iterable of model inputs> to lf.init")
-        calib.collect(model, stats, calibration, progress=progress, max_batches=max_batches, base=base)
+        collect_statistics(model, stats, calibration, progress=progress, max_batches=max_batches, base=base)
         if variant.plan is not None:
             cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape) for p, W in weights.items()})
     elif calibration is not None:  # never ignore data the caller thought was used
@@ -191,7 +169,7 @@ class _Entry(NamedTuple):
     path: str
     module: nn.Module
     kind: _layers.LayerKind
-    variant: ModuleType
+    variant: VariantSpec
     leaves: dict[str, Tensor]
 
 
@@ -250,7 +228,7 @@ def _noise(seed: int | None, x: Tensor) -> Tensor | None:
     return None if seed is None else linalg.hash_uniform(seed, x.shape, device=x.device)
 
 
-def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Tensor, seed: int | None) -> _inject.Handler:
+def _routed(path: str, variant: VariantSpec, leaves: dict[str, Tensor], route: Tensor, seed: int | None) -> _inject.Handler:
     def handler(x, W, b, base):
         B, N = route.shape[0], x.shape[0] if x.ndim >= 2 else -1
         if N == B:
@@ -273,7 +251,7 @@ def _routed(path: str, variant: ModuleType, leaves: dict[str, Tensor], route: Te
     return handler
 
 
-def _grouped(variant: ModuleType, leaves: dict[str, Tensor], route: Tensor, xs: Tensor, W: _layers.QuantizedWeight,
+def _grouped(variant: VariantSpec, leaves: dict[str, Tensor], route: Tensor, xs: Tensor, W: _layers.QuantizedWeight,
              b: Tensor | None, seed: int | None) -> Tensor:
     """Routed rows of a quantized layer: one ``apply`` per adapter present, on its own rows, with the
     layer's own output for those rows as the base product (its kernel cannot run under vmap)."""
@@ -304,7 +282,7 @@ def _applying(entry: _Entry, route: Tensor | None, key) -> _inject.Handler:
 
 
 def _prepare(model, params, route, freeze_base, base, key=None):
-    swap, aliases = _base_swap(model, base, freeze_base)
+    swap, aliases = _base.swap_map(model, base, freeze_base)
     entries, K = _entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
     if route is not None:
         route = _check_route(route, K)
@@ -325,14 +303,35 @@ def call(model: nn.Module, params: Params, *args, route: Tensor | None = None, f
          base: Mapping[str, Tensor] | None = None, key: _keys.Key | None = None, **kwargs):
     """``model(*args, **kwargs)`` with the adapters in ``params`` applied; the model is untouched.
 
-    ``route`` (B,) int: a mixed batch where example i uses adapter ``route[i]`` of a stacked
-    params set (``lf.stack``). ``freeze_base``: the base weights enter as detached tensors, so
-    no gradient (and no backward work) goes to them. ``base``: ``{name: Tensor}`` for every
-    parameter and buffer the model holds on the meta device (a stateless skeleton), as
-    ``torch.func.functional_call`` takes them; given names replace the model's own tensors.
-    ``key``: turns on adapter dropout (configs with ``dropout=p``); the masks are a pure function of
-    (key, layer path, position), so a call is reproducible under vmap, grad and compile. No key,
-    no dropout.
+    Nothing is assigned to the model: a per-thread TorchFunctionMode answers each targeted
+    layer's product (see README, "How adapters reach the model"), so calls from many threads on
+    one model, nested calls and other libraries' hooks are all exact.
+
+    Args:
+        model: the model.
+        params: from ``init`` / ``load`` / ``stack`` (stacked params need ``route`` or a ``vmap``).
+        *args, **kwargs: the model's own inputs.
+        route: (B,) integer adapter indices, one per example of a stacked params set: a mixed
+            batch (rows of inputs that flatten batch × sequence follow their example).
+        freeze_base: the base weights enter detached, so no gradient goes to them.
+        base: ``{name: Tensor}`` replacing the model's parameters and buffers (required for those
+            on the meta device: a stateless skeleton), as ``torch.func.functional_call`` takes them.
+        key: turns on adapter dropout (configs with ``dropout=p``); masks are a pure function of
+            (key, layer path, position). No key, no dropout.
+    Returns:
+        What ``model(*args, **kwargs)`` returns.
+    Raises:
+        ValueError / TypeError / KeyError naming the path, leaf, expected and given shape, dtype, route
+        index or ``base`` name; RuntimeError after the forward if a targeted layer was never
+        computed through its recognised operation.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> params = lf.init(0, model, lf.LoRAConfig(r=2), targets=r"^0$")
+        >>> x = torch.randn(3, 8)
+        >>> torch.equal(lf.call(model, params, x), model(x))  # identity at init
+        True
     """
     m = _prepare(model, params, route, freeze_base, base, key)
     try:
@@ -355,9 +354,24 @@ def applied(model: nn.Module, params: Params, *, route: Tensor | None = None, ke
 
     So ``model.generate``, pipelines and evaluation harnesses run with adapters. Same guarantees
     as ``call``: nothing is assigned to the model, other threads see the plain model, blocks nest.
-    ``route`` rows follow the batch through generation: an input with N = B·n rows (beams, or
-    batch × sequence flattened) uses ``route`` repeated n times, example-major. ``key``: adapter
-    dropout, as in ``call``.
+
+    Args:
+        model, params, freeze_base, base, key: as in ``call``.
+        route: as in ``call``; it follows the batch through generation: an input of N = B·n rows
+            (beams, or batch × sequence flattened) uses each entry for n consecutive rows.
+    Raises:
+        As ``call``; at the end of the block, a RuntimeError if some targeted layers were computed
+        and others never were.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> params = lf.init(0, model, lf.LoRAConfig(r=2), targets=r"^2$")
+        >>> x = torch.randn(3, 8)
+        >>> with lf.applied(model, params):
+        ...     y = model(x)  # any code that calls the model
+        >>> torch.equal(y, lf.call(model, params, x))
+        True
     """
     m = _prepare(model, params, route, freeze_base, base, key)
     with m:
@@ -372,11 +386,27 @@ def applied(model: nn.Module, params: Params, *, route: Tensor | None = None, ke
 def merge(model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Dense weights (and biases) that reproduce ``call``: ``functional_call(model, merge(model, p), x)``.
 
-    Keys are parameter names (``f"{path}.weight"``, ``f"{path}.bias"``), stored the way each
-    module stores them (Conv1D transposed). A targeted weight tied to another parameter (e.g. a
-    tied ``lm_head``) is refused: ``functional_call`` would replace both.
+    One exact rule for every variant (each is affine in x). For quantized layers the result is
+    dense (dequantized weight + adapter); quantizing it again changes outputs.
+
+    Args:
+        model, params: as in ``call`` (unstacked params).
+        base: the weights of a stateless model (see ``call``).
+    Returns:
+        ``{f"{path}.weight": W', f"{path}.bias": b'}`` for each adapted layer, stored the way the
+        module stores them (Conv1D transposed); biases only where the variant changes them.
+    Raises:
+        ValueError: a targeted weight tied to another parameter (``functional_call`` would replace
+        both), or leaves that do not fit their layer.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> params = lf.init(0, model, lf.IA3Config(), targets=r"^0$")
+        >>> sorted(lf.merge(model, params))
+        ['0.bias', '0.weight']
     """
-    swap, aliases = _base_swap(model, base, freeze=True)
+    swap, aliases = _base.swap_map(model, base, freeze=True)
     out = {}
     for path, module, kind, variant, leaves in _entries(model, params, swap, aliases)[0]:
         names = aliases.get(id(module.weight), [])

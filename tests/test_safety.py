@@ -396,10 +396,11 @@ def test_max_batches_must_be_positive(bad):
 
 def test_every_variant_returns_contiguous_leaves():
     from cases import all_cases
+    from helpers import needs_calibration
 
     model = tiny("llama")
     for _, cfg in all_cases():
-        calib = [tokens(2, 6, seed=7)] if lf.variants.module_for(cfg).__name__.endswith(("eva",)) or getattr(cfg, "select", "") == "data" else None
+        calib = [tokens(2, 6, seed=7)] if needs_calibration(cfg, model) else None
         p = lf.init(0, model, cfg, targets=r"(o_proj|down_proj)$", calibration=calib, progress=False)
         for path, bv in p.items():
             for name, leaves in bv.items():
