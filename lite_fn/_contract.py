@@ -58,6 +58,7 @@ class VariantSpec:
         random_init(cfg) -> bool         whether init draws random numbers (default: True)
         stat(cfg, W) -> Stat | None      a calibration statistic, for data-driven inits
         plan(stats, cfgs, dims) -> cfgs  a cross-layer step after calibration (EVA's rank budget)
+        pad(path, present, K, own)       lf.stack(pad=True): leaves for all K adapters, equal in shape
     """
 
     NAME: str
@@ -70,6 +71,7 @@ class VariantSpec:
     random_init: Callable[[Any], bool] = lambda cfg: True  # noqa: E731 — the default: init draws random numbers
     stat: Callable[[Any, Tensor], Stat | None] | None = None
     plan: Callable[[Mapping[str, Stat], dict, dict], dict] | None = None
+    pad: Callable[[str, dict, int, Callable], dict] | None = None
     source: Any = None  # the module or object it was built from
 
     @classmethod
@@ -88,6 +90,7 @@ class VariantSpec:
         trainable = variant.TRAINABLE
         if not isinstance(trainable, (set, frozenset)) or not all(isinstance(t, str) for t in trainable):
             raise TypeError(f"{variant.NAME}: TRAINABLE must be a frozenset of leaf names, got {trainable!r}")
-        optional = {k: getattr(variant, k) for k in ("STEERING_LEAF", "random_init", "stat", "plan") if hasattr(variant, k)}
+        optional = {k: getattr(variant, k) for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad")
+                    if hasattr(variant, k)}
         return cls(NAME=variant.NAME, TRAINABLE=frozenset(trainable), Config=variant.Config, init=variant.init,
                    apply=variant.apply, shapes=variant.shapes, source=variant, **optional)

@@ -188,7 +188,8 @@ def kind_of(module: nn.Module, path: str) -> LayerKind:
             f"forward that lite_fn does not know (it adapts nn.Linear, Conv1D and bitsandbytes' Linear4bit/Linear8bitLt); "
             f"it cannot adapt it exactly — exclude it from `targets`")
     raise TypeError(
-        f"module {path!r} is a {type(module).__name__}; lite_fn adapts nn.Linear and transformers' Conv1D only — "
+        f"module {path!r} is a {type(module).__module__}.{type(module).__name__}; lite_fn adapts nn.Linear, transformers' "
+        f"Conv1D and bitsandbytes' Linear4bit/Linear8bitLt only — "
         f"narrow `targets` so it matches linear layers (e.g. r'(q_proj|v_proj)$')"
     )
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import variants
+from .variants import _padding
 
 Params = dict[str, dict[str, dict[str, Tensor]]]
 
@@ -74,143 +75,6 @@ def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
     return _declared(optree.tree_map(stack_leaf, *params_list))
 
 
-# ----------------------------------------------------------------------------- exact padding for stack(pad=True)
-# Rank axis of each leaf that grows with r; a variant listed here pads by appending zeros on those axes.
-_RANK_AXES = {
-    "lora": {"A": 0, "B": 1}, "eva": {"A": 0, "B": 1}, "dora": {"A": 0, "B": 1}, "delora": {"A": 0, "B": 1},
-    "pissa": {"A": 0, "B": 1, "A0": 0, "B0": 1},
-    "antipasto": {"U": 1, "S": 0, "V": 1, "delta_s": 0, "rot_v": 0, "rot_u": 0},
-}
-
-
-def _grown(t: Tensor, size: int, axis: int) -> Tensor:
-    """``t`` with zeros appended along ``axis`` up to ``size``."""
-    t = t.detach()
-    if t.shape[axis] == size:
-        return t
-    shape = list(t.shape)
-    shape[axis] = size - t.shape[axis]
-    return torch.cat([t, t.new_zeros(shape)], dim=axis)
-
-
-def _refuse(name: str, path: str, why: str):
-    raise ValueError(f"lf.stack(pad=True): cannot pad {name} at {path!r} exactly: {why}")
-
-
-def _same_leaf_names(name: str, path: str, present: dict) -> None:
-    names = {k: sorted(v) for k, v in present.items()}
-    if len({tuple(v) for v in names.values()}) > 1:
-        _refuse(name, path, f"the adapters hold different leaves there: {names}")
-
-
-def _pad_lowrank(name, path, present, K, own):
-    """LoRA/EVA/DoRA/PiSSA/DeLoRA: zero rank rows/columns; a missing layer is all-zero factors."""
-    _same_leaf_names(name, path, present)
-    axes = _RANK_AXES[name]
-    R = max(leaves["A"].shape[0] for leaves in present.values())
-    out = {}
-    for k, leaves in present.items():
-        new = {leaf: (_grown(v, R, axes[leaf]) if leaf in axes else v) for leaf, v in leaves.items()}
-        if name == "delora" and leaves["A"].shape[0] != R:  # λ/r counts rows: keep λ/r, so λ' = λ·R/r
-            new["lam"] = leaves["lam"].detach() * (R / leaves["A"].shape[0])
-        out[k] = new
-    missing = [k for k in range(K) if k not in present]
-    if missing and name == "dora":
-        _refuse(name, path, f"adapter(s) {missing} do not target it, and DoRA's identity there needs m = ‖W‖_row, "
-                            f"which only the model's weights give; add a DoRA layer for it to those adapters first "
-                            f"(lf.init(key, model, lf.DoRAConfig(...), targets=...) gives the identity m)")
-    donor = out[min(present)]
-    for k in missing:  # zero factors: the update is exactly 0 whatever the scale (taken from another adapter)
-        out[k] = {leaf: (torch.zeros_like(v) if leaf in axes else v.detach().clone()) for leaf, v in donor.items()}
-    return out
-
-
-def _pad_gain(name, path, present, K, own):
-    """IA3 / IA3-FF: a missing layer is g = 1."""
-    _same_leaf_names(name, path, present)
-    donor = present[min(present)]
-    return {k: present[k] if k in present else {"g": torch.ones_like(donor["g"]).detach()} for k in range(K)}
-
-
-def _pad_road(name, path, present, K, own):
-    """RoAd: one group size; forms lifted exactly to the largest (road_1 → road_2 → road_4); missing: θ = 0, α = 1."""
-    _same_leaf_names(name, path, present)
-    groups = {k: (v["theta"].shape[0], v["theta"].shape[-1]) for k, v in present.items()}
-    if len(set(groups.values())) > 1:
-        _refuse(name, path, "the adapters use different group sizes there ("
-                + ", ".join(f"adapter {k}: group_size={2 * h}" for k, (_, h) in groups.items())
-                + "), which pair different output features")
-    G, h = next(iter(groups.values()))
-    ndim = max(v["theta"].ndim for v in present.values())
-    rows = max(v["theta"].shape[1] for v in present.values() if v["theta"].ndim == 3) if ndim == 3 else 2
-
-    def lift(t: Tensor) -> Tensor:
-        t = t.detach()
-        if t.ndim == 3 and t.shape[1] == 1 and (ndim == 4 or rows == 2):
-            t = t.expand(G, 2, h)  # road_1 → road_2: the pair's (θ, α) for both halves
-        if t.ndim == 3 and ndim == 4:
-            t = t.unsqueeze(1).expand(G, 2, 2, h)  # road_2 → road_4: the same (θ, α) for c₁ and c₂
-        return t.contiguous()
-
-    out = {k: {leaf: lift(v) for leaf, v in leaves.items()} for k, leaves in present.items()}
-    like = out[min(present)]["theta"]
-    for k in range(K):
-        if k not in out:
-            out[k] = {"theta": torch.zeros_like(like), "alpha": torch.ones_like(like)}
-    return out
-
-
-def _pad_antipasto(name, path, present, K, own):
-    """AntiPaSTO: zero singular directions in whole blocks of the common block size (identity rotations);
-    a missing rotation side is a zero rotation; a missing layer is another adapter's U, S, V with δs = 0."""
-    rots = sorted({leaf for v in present.values() for leaf in v if leaf in ("rot_v", "rot_u")})
-    sizes = {}
-    for k, v in present.items():
-        r = v["S"].shape[0]
-        sizes[k] = {r // v[rot].shape[0] for rot in rots if rot in v}
-    if len({bs for s in sizes.values() for bs in s}) > 1:
-        _refuse(name, path, f"the adapters use different rotation block sizes there ({sizes}); only equal block sizes "
-                            f"pad with identity blocks")
-    bs = next(iter(next(iter(sizes.values()))))
-    R = max(v["S"].shape[0] for v in present.values())
-    axes = _RANK_AXES[name]
-    out = {}
-    for k, leaves in present.items():
-        leaves = dict(leaves)
-        for rot in rots:  # zero rotation params: R = cayley(0) = I exactly
-            if rot not in leaves:
-                p = (leaves["S"].shape[0] // bs, bs * (bs - 1) // 2)
-                leaves[rot] = leaves["S"].new_zeros(p)
-        out[k] = {leaf: (_grown(v, R // bs if leaf in rots else R, axes[leaf]) if leaf in axes else v)
-                  for leaf, v in leaves.items()}
-    donor = out[min(present)]
-    for k in range(K):
-        if k in out:
-            continue
-        new = {}
-        for leaf, v in donor.items():
-            if leaf in ("U", "S", "V"):
-                new[leaf] = v.detach().clone()
-            elif leaf in ("alpha", "max_angle"):
-                mine = own(k, name, leaf)  # the adapter's own steering value, if it has one elsewhere
-                new[leaf] = (mine if mine is not None else v).detach().clone()
-            else:
-                new[leaf] = torch.zeros_like(v).detach()
-        out[k] = new
-    return out
-
-
-def _pad_hra(name, path, present, K, own):
-    _refuse(name, path, "HRA's reflections cannot be padded: a reflection of the zero vector is undefined "
-                        "(I − 2uuᵀ/‖u‖² at u = 0), and a pair of equal reflections is the identity only up to rounding; "
-                        "stack HRA adapters of equal r on equal target sets")
-
-
-_PAD_RULES = {"lora": _pad_lowrank, "eva": _pad_lowrank, "dora": _pad_lowrank, "pissa": _pad_lowrank,
-              "delora": _pad_lowrank, "ia3": _pad_gain, "ia3_ff": _pad_gain, "road": _pad_road,
-              "antipasto": _pad_antipasto, "hra": _pad_hra}
-
-
 def _padded(params_list: list[Params]) -> list[Params]:
     """The K trees made equal in structure and shapes, each computing exactly what it did (see ``stack``)."""
     K = len(params_list)
@@ -243,14 +107,14 @@ def _padded(params_list: list[Params]) -> list[Params]:
         shapes = {k: {leaf: tuple(v.shape) for leaf, v in lv.items()} for k, lv in leaves.items()}
         if len(present) == K and all(s == shapes[0] for s in shapes.values()):
             padded = leaves
-        elif name in _PAD_RULES:
-            padded = _PAD_RULES[name](name, path, leaves, K, own)
+        elif variants.get(name).pad is not None:
+            padded = variants.get(name).pad(path, leaves, K, lambda k, leaf, name=name: own(k, name, leaf))
         else:
-            _refuse(name, path, f"the variant has no padding rule, and the adapters differ there (shapes {shapes}, "
-                                f"present in adapters {sorted(present)} of {K})")
+            _padding.refuse(name, path, f"the variant has no pad hook, and the adapters differ there (shapes {shapes}, "
+                                        f"present in adapters {sorted(present)} of {K})")
         after = {k: {leaf: tuple(v.shape) for leaf, v in padded[k].items()} for k in range(K)}
         if any(s != after[0] for s in after.values()):
-            _refuse(name, path, f"its leaves differ in more than the rank: {after}")
+            _padding.refuse(name, path, f"its leaves differ in more than the rank: {after}")
         for k in range(K):
             out[k][path] = {name: padded[k]}
     return out

@@ -13,6 +13,7 @@ and optionally
     random_init(cfg) -> bool                # whether init draws random numbers (default True)
     stat(cfg, W) -> Stat | None             # a streaming input statistic (data-driven init)
     plan(stats, cfgs, dims) -> cfgs         # a cross-layer step (EVA's rank budget)
+    pad(path, present, K, own) -> leaves    # lf.stack(pad=True): exact padding (ranks, untargeted layers)
 
 The registry holds a ``VariantSpec`` per name (absent hooks are ``None``); the runtime looks
 variants up here by ``cfg.variant_name`` and never branches on a name.

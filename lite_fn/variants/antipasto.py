@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from . import _padding
 
 NAME = "antipasto"
 TRAINABLE = frozenset({"delta_s", "rot_v", "rot_u"})  # leaves an optimizer updates
@@ -182,6 +183,44 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
         n_blocks = p[0] if len(p) == 2 and p[0] > 0 else 1
         bs = r // n_blocks if r % n_blocks == 0 else 0
         out[k] = (n_blocks, bs * (bs - 1) // 2)
+    return out
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): zero singular directions in whole blocks of the common block size (identity
+    rotations); a missing rotation side is a zero rotation; an adapter that does not target the layer
+    gets another adapter's U, S, V with δs = 0 and no rotation — the identity at any alpha, which stays
+    the adapter's own (``own``)."""
+    axes = {"U": 1, "S": 0, "V": 1, "delta_s": 0, "rot_v": 0, "rot_u": 0}
+    rots = sorted({leaf for v in present.values() for leaf in v if leaf in ("rot_v", "rot_u")})
+    sizes = {k: {v["S"].shape[0] // v[rot].shape[0] for rot in rots if rot in v} for k, v in present.items()}
+    if len({bs for s in sizes.values() for bs in s}) > 1:
+        _padding.refuse(NAME, path, f"the adapters use different rotation block sizes there ({sizes}); only equal "
+                                    f"block sizes pad with identity blocks")
+    bs = next(iter(next(iter(sizes.values()))))
+    R = max(v["S"].shape[0] for v in present.values())
+    out = {}
+    for k, leaves in present.items():
+        leaves = dict(leaves)
+        for rot in rots:  # zero rotation params: R = cayley(0) = I exactly
+            if rot not in leaves:
+                leaves[rot] = leaves["S"].new_zeros((leaves["S"].shape[0] // bs, bs * (bs - 1) // 2))
+        out[k] = {leaf: (_padding.grown(v, R // bs if leaf in rots else R, axes[leaf]) if leaf in axes else v)
+                  for leaf, v in leaves.items()}
+    donor = out[min(present)]
+    for k in range(K):
+        if k in out:
+            continue
+        new = {}
+        for leaf, v in donor.items():
+            if leaf in ("U", "S", "V"):
+                new[leaf] = v.detach().clone()
+            elif leaf in ("alpha", "max_angle"):
+                mine = own(k, leaf)  # the adapter's own steering value, if it has one elsewhere
+                new[leaf] = (mine if mine is not None else v).detach().clone()
+            else:
+                new[leaf] = torch.zeros_like(v).detach()
+        out[k] = new
     return out
 
 

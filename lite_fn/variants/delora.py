@@ -26,6 +26,7 @@ from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from . import _padding
 
 NAME = "delora"
 TRAINABLE = frozenset({"A", "B", "lam"})  # leaves an optimizer updates
@@ -66,6 +67,17 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     """The exact leaf shapes for W of (d_out, d_in); the rank r is read from A."""
     r = leaves["A"][0] if len(leaves.get("A", ())) == 2 else 0
     return {"A": (r, d_in), "B": (d_out, r), "lam": (), "wnorm": (d_in,)}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): zero rank rows/columns, with λ rescaled to λ·r'/r (λ/r counts rows; zero
+    rows contribute 0/clamp = 0); no adapter here: zero factors."""
+    out = _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1})
+    R = out[min(present)]["A"].shape[0]
+    for k, leaves in present.items():
+        if leaves["A"].shape[0] != R:
+            out[k]["lam"] = leaves["lam"].detach() * (R / leaves["A"].shape[0])
+    return out
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

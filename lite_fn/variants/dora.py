@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from . import _padding
 from .lora import LoRAConfig, delta, dropped, init_factors
 from .lora import shapes as lora_shapes
 
@@ -66,6 +67,17 @@ def init(key: _keys.Key, W: Tensor, cfg: DoRAConfig, stat=None) -> dict[str, Ten
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
     """The exact leaf shapes for W of (d_out, d_in): LoRA's plus the magnitude m."""
     return {**lora_shapes(leaves, d_out, d_in), "m": (d_out,)}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): zero rank rows/columns (the norm ‖W + s·BA‖ is unchanged). A layer an
+    adapter does not target is refused: its identity needs m = ‖W‖_row, which only W gives."""
+    missing = [k for k in range(K) if k not in present]
+    if missing:
+        _padding.refuse(NAME, path, f"adapter(s) {missing} do not target it, and DoRA's identity there needs m = ‖W‖_row, "
+                                    f"which only the model's weights give; add a DoRA layer for it to those adapters first "
+                                    f"(lf.init(key, model, lf.DoRAConfig(...), targets=...) gives the identity m)")
+    return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1})
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:

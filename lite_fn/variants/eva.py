@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys
+from . import _padding
 from . import lora
 
 NAME = "eva"
@@ -188,6 +189,11 @@ def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, stat: Stat | None = None) ->
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
     """The exact leaf shapes for W of (d_out, d_in) (LoRA's); the rank r is read from A."""
     return lora.shapes(leaves, d_out, d_in)
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): as LoRA (zero rank rows/columns; no adapter here: zero factors)."""
+    return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1})
 
 
 def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig],

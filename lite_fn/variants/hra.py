@@ -26,6 +26,7 @@ from einops import repeat
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from . import _padding
 
 NAME = "hra"
 TRAINABLE = frozenset({"U"})  # leaves an optimizer updates
@@ -62,6 +63,13 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     """The exact leaf shapes for W of (d_out, d_in); the number of reflections r is read from U."""
     r = leaves["U"][0] if len(leaves.get("U", ())) == 2 else 0
     return {"U": (r, d_in)}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True) cannot pad HRA: refused with the reason."""
+    _padding.refuse(NAME, path, "HRA's reflections cannot be padded: a reflection of the zero vector is undefined "
+                                "(I − 2uuᵀ/‖u‖² at u = 0), and a pair of equal reflections is the identity only up to "
+                                "rounding; stack HRA adapters of equal r on equal target sets")
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

@@ -19,6 +19,7 @@ from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys
+from . import _padding
 
 NAME = "ia3"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
@@ -52,6 +53,11 @@ def init(key: _keys.Key, W: Tensor, cfg: IA3Config, stat=None) -> dict[str, Tens
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
     """The exact leaf shapes for W of (d_out, d_in): one gain per output feature."""
     return {"g": (d_out,)}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): an adapter that does not target the layer gets g = 1."""
+    return _padding.gain(NAME, path, present, K)
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

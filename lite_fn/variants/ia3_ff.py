@@ -18,6 +18,7 @@ from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys
+from . import _padding
 from .ia3 import ones_gain
 
 NAME = "ia3_ff"
@@ -45,6 +46,11 @@ def init(key: _keys.Key, W: Tensor, cfg: IA3FFConfig, stat=None) -> dict[str, Te
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
     """The exact leaf shapes for W of (d_out, d_in): one gain per input feature."""
     return {"g": (d_in,)}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): an adapter that does not target the layer gets g = 1."""
+    return _padding.gain(NAME, path, present, K)
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from . import _padding
 
 NAME = "lora"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
@@ -112,6 +113,11 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     """The exact leaf shapes for W of (d_out, d_in); the rank r is read from A."""
     r = leaves["A"][0] if len(leaves.get("A", ())) == 2 else 0
     return {"A": (r, d_in), "B": (d_out, r), "scale": (), **({"dropout": ()} if "dropout" in leaves else {})}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): zero rank rows of A / columns of B; no adapter here: zero factors."""
+    return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1})
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:

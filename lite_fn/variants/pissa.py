@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from . import _padding
 from .lora import check_dropout, delta, dropout_leaf, dropped, scaling
 from .lora import shapes as lora_shapes
 
@@ -93,6 +94,11 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     """The exact leaf shapes for W of (d_out, d_in): LoRA's plus the frozen A0, B0."""
     out = lora_shapes(leaves, d_out, d_in)
     return {**out, "A0": out["A"], "B0": out["B"]}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): zero rank rows/columns of A, B, A0, B0; no adapter here: zero factors."""
+    return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1, "A0": 0, "B0": 1})
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .. import _checks, _keys
+from . import _padding
 
 NAME = "road"
 TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
@@ -91,6 +92,35 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
         raise ValueError(f"theta of shape {t} is not a RoAd layout for d_out={d_out}; expected (G, 1, h) (road_1), "
                          f"(G, 2, h) (road_2) or (G, 2, 2, h) (road_4) with 2·G·h = d_out (d_out must be even)")
     return {"theta": t, "alpha": t}
+
+
+def pad(path: str, present: dict, K: int, own) -> dict:
+    """lf.stack(pad=True): one group size; forms lifted exactly to the largest (road_1 → road_2 →
+    road_4); an adapter that does not target the layer gets θ = 0, α = 1."""
+    _padding.same_leaf_names(NAME, path, present)
+    groups = {k: (v["theta"].shape[0], v["theta"].shape[-1]) for k, v in present.items()}
+    if len(set(groups.values())) > 1:
+        _padding.refuse(NAME, path, "the adapters use different group sizes there ("
+                        + ", ".join(f"adapter {k}: group_size={2 * h}" for k, (_, h) in groups.items())
+                        + "), which pair different output features")
+    G, h = next(iter(groups.values()))
+    ndim = max(v["theta"].ndim for v in present.values())
+    rows = max(v["theta"].shape[1] for v in present.values() if v["theta"].ndim == 3) if ndim == 3 else 2
+
+    def lift(t: Tensor) -> Tensor:
+        t = t.detach()
+        if t.ndim == 3 and t.shape[1] == 1 and (ndim == 4 or rows == 2):
+            t = t.expand(G, 2, h)  # road_1 → road_2: the pair's (θ, α) for both halves
+        if t.ndim == 3 and ndim == 4:
+            t = t.unsqueeze(1).expand(G, 2, 2, h)  # road_2 → road_4: the same (θ, α) for c₁ and c₂
+        return t.contiguous()
+
+    out = {k: {leaf: lift(v) for leaf, v in leaves.items()} for k, leaves in present.items()}
+    like = out[min(present)]["theta"]
+    for k in range(K):
+        if k not in out:
+            out[k] = {"theta": torch.zeros_like(like), "alpha": torch.ones_like(like)}
+    return out
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
