@@ -240,12 +240,30 @@ def _flatten(params) -> tuple[dict[str, torch.Tensor], dict, dict]:
 
 
 def save(path: str | os.PathLike, params: dict, *, config=None) -> None:
-    """Write ``params`` to ``path`` (safetensors). ``config``: a cfg, a list of cfgs (one per
-    variant), or ``{module_path: cfg}``, recorded in the metadata.
+    """Write ``params`` to ``path``: a safetensors file (never pickle) with JSON metadata and a checksum.
 
-    Atomic: the file is either the old one or the complete new one, also after a crash. A symlink
-    at ``path`` is kept and its target rewritten; an existing file keeps its mode, a new one gets
-    ``0o666 & ~umask``. Refuses to replace a directory, FIFO or device."""
+    Atomic: the file is either the old one or the complete new one, also after a crash (temp file
+    beside it, fsync, rename; temp files of killed writers are removed). A symlink at ``path`` is
+    kept and its target rewritten; an existing file keeps its mode, a new one gets
+    ``0o666 & ~umask``.
+
+    Args:
+        path: the file to write (its folder must exist).
+        params: a params tree (stacked ones too).
+        config: recorded in the metadata (see ``load_metadata``): a cfg, a list of cfgs (one per
+            variant), or ``{module_path: cfg}``.
+    Raises:
+        TypeError / KeyError / ValueError naming a non-tensor leaf, an unknown variant, a dtype
+        safetensors cannot store, or a directory, FIFO or device at ``path``.
+
+    Example:
+        >>> import os, tempfile, torch, lite_fn as lf
+        >>> p = lf.init(0, torch.nn.Sequential(torch.nn.Linear(8, 8)), lf.LoRAConfig(r=2))
+        >>> path = os.path.join(tempfile.mkdtemp(), "adapter.safetensors")
+        >>> lf.save(path, p, config=lf.LoRAConfig(r=2))
+        >>> torch.equal(lf.load(path)["0"]["lora"]["A"], p["0"]["lora"]["A"])
+        True
+    """
     from safetensors.torch import save as st_save
 
     from . import __version__
@@ -472,15 +490,49 @@ def _read_checkpoint(path) -> tuple[str, dict[str, str], dict, dict, dict[str, t
 
 def load_metadata(path) -> dict:
     """The checkpoint's metadata: lite_fn version and, per module path, its variant and config.
-    The whole file is verified (checksum included) as in ``load``."""
+
+    Args:
+        path: a file written by ``save``.
+    Returns:
+        ``{"lite_fn_version": str, "layers": {module_path: {"variant": name, "config": {...} | None}}}``.
+    Raises:
+        FileNotFoundError / ValueError naming the file: the whole file is verified (checksum
+        included) as in ``load``.
+
+    Example:
+        >>> import os, tempfile, torch, lite_fn as lf
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        >>> lf.save(path, lf.init(0, torch.nn.Sequential(torch.nn.Linear(8, 8)), lf.IA3Config()), config=lf.IA3Config())
+        >>> lf.load_metadata(path)["layers"]["0"]["variant"]
+        'ia3'
+    """
     _, meta, _, layers, _ = _read_checkpoint(path)
     return {"lite_fn_version": meta["lite_fn_version"], "layers": layers}
 
 
 def load(path, *, model=None, device=None) -> dict:
-    """Params saved by ``save``: bit-identical, contiguous tensors owning their memory, trainability
-    restored, moved to ``device`` if given. With ``model``, checked like ``check_against``: every
-    path, layer type, leaf shape and dtype (and device) — all mismatches are reported together."""
+    """Params saved by ``save``: bit-identical, contiguous tensors owning their memory.
+
+    Args:
+        path: a file written by ``save``; a non-regular file (FIFO, device, directory) is refused
+            before it is opened.
+        model: if given, the params are checked against it like ``check_against`` (every path, layer
+            type, exact leaf shape, dtype and device; stacked checkpoints too), all problems at once.
+        device: move the tensors there.
+    Returns:
+        The params tree, trainable leaves (the variant's ``TRAINABLE``) with ``requires_grad=True``.
+    Raises:
+        FileNotFoundError, or ValueError naming the file and what is wrong: not a lite_fn file, a
+        damaged header or data (checksum), or params that do not fit ``model``.
+
+    Example:
+        >>> import os, tempfile, torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        >>> lf.save(path, lf.init(0, model, lf.LoRAConfig(r=2)))
+        >>> sorted(lf.load(path, model=model)["0"]["lora"])
+        ['A', 'B', 'scale']
+    """
     shown, _, keys, _, raw = _read_checkpoint(path)
     params: dict = {}
     for key, (mpath, name, leaf, _) in keys.items():  # trainability: the variant's declaration (TRAINABLE)

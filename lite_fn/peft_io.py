@@ -461,10 +461,15 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
         ValueError: naming the field and value (or tensor) that lite_fn cannot reproduce, a ``.bin``
             (pickle) weights file, a target set or shape that does not fit ``model``.
 
-    Example::
-
-        params = lf.load_peft("out/my_lora", model=model)
-        logits = lf.call(model, params, ids).logits      # == PeftModel.from_pretrained(model, ...)(ids).logits
+    Example (a directory written by ``lf.save_peft`` here; one from peft's ``save_pretrained`` reads the same):
+        >>> import os, tempfile, torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> mine = lf.init(0, model, lf.LoRAConfig(r=2, alpha=4), targets=r"^0$")
+        >>> folder = os.path.join(tempfile.mkdtemp(), "adapter")
+        >>> lf.save_peft(folder, mine, model=model)
+        >>> params = lf.load_peft(folder, model=model)
+        >>> torch.equal(params["0"]["lora"]["A"], mine["0"]["lora"]["A"])
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_peft: model must be the base nn.Module the adapter was trained for, got {type(model).__name__}")
@@ -898,10 +903,17 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
         ValueError: stacked params, variants that one peft adapter cannot hold together (named), a layer
             type peft's method does not adapt, params that do not fit ``model``, an unusable target path.
 
-    Example::
+    Returns:
+        None; ``path`` holds ``adapter_config.json`` and ``adapter_model.safetensors``.
 
-        lf.save_peft("out/exported", params, model=model)
-        peft_model = peft.PeftModel.from_pretrained(model, "out/exported")
+    Example:
+        >>> import json, os, tempfile, torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> folder = os.path.join(tempfile.mkdtemp(), "exported")
+        >>> lf.save_peft(folder, lf.init(0, model, lf.DoRAConfig(r=2)), model=model)
+        >>> cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+        >>> cfg["peft_type"], cfg["use_dora"], sorted(os.listdir(folder))
+        ('LORA', True, ['adapter_config.json', 'adapter_model.safetensors'])
     """
     from safetensors.torch import save as st_save
 

@@ -53,10 +53,16 @@ def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
     Raises:
         ValueError: trees that differ in structure or shapes (without ``pad``), or cannot be padded exactly.
 
-    Example::
-
-        stacked = lf.stack([lf.load_peft(d, model=model) for d in dirs], pad=True)
-        logits = lf.call(model, stacked, ids, route=torch.arange(len(dirs)))
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> a = lf.init(0, model, lf.LoRAConfig(r=2), targets=r"^0$")
+        >>> b = lf.init(1, model, lf.LoRAConfig(r=4), targets=r"^(0|2)$")
+        >>> stacked = lf.stack([a, b], pad=True)  # ranks 2 and 4, different layers
+        >>> tuple(stacked["0"]["lora"]["A"].shape), tuple(stacked["2"]["lora"]["B"].shape)
+        ((2, 4, 8), (2, 4, 4))
+        >>> lf.call(model, stacked, torch.randn(2, 8), route=torch.tensor([1, 0])).shape
+        torch.Size([2, 4])
     """
     if not params_list:
         raise ValueError("lf.stack needs at least one params tree")
@@ -121,8 +127,30 @@ def _padded(params_list: list[Params]) -> list[Params]:
 
 
 def unstack(stacked: Params) -> list[Params]:
-    """Inverse of ``stack``."""
+    """Inverse of ``stack``: K params trees, each leaf a copy (contiguous, trainability as declared).
+
+    Args:
+        stacked: a tree whose every leaf has the same leading axis K.
+    Returns:
+        The K trees.
+    Raises:
+        ValueError: leaves with different leading sizes (not a stacked tree).
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> ps = [lf.init(k, model, lf.LoRAConfig(r=2)) for k in range(3)]
+        >>> back = lf.unstack(lf.stack(ps))
+        >>> len(back), torch.equal(back[2]["0"]["lora"]["A"], ps[2]["0"]["lora"]["A"])
+        (3, True)
+    """
     leaves = optree.tree_leaves(stacked)
+    if not leaves:
+        raise ValueError("lf.unstack: the params tree has no leaves")
+    sizes = {tuple(v.shape[:1]) for v in leaves}
+    if len(sizes) != 1 or () in sizes:
+        raise ValueError(f"lf.unstack: leaves have leading sizes {sorted(sizes)}; a stacked tree (lf.stack) has one "
+                         f"leading adapter axis K on every leaf")
     K = leaves[0].shape[0]
     return [_declared(optree.tree_map(lambda v: v[k].detach().clone(), stacked)) for k in range(K)]
 
@@ -130,9 +158,23 @@ def unstack(stacked: Params) -> list[Params]:
 def with_alpha(params: Params, alpha: float | Tensor) -> Params:
     """A copy of ``params`` with every steering leaf (AntiPaSTO's alpha) set to ``alpha``.
 
-    ``alpha`` may be a finite float or a 0-d floating tensor (also a vmapped one: ``vmap(lambda a:
-    lf.call(model, with_alpha(p, a), x))(alphas)`` sweeps in one call). Stacked params keep their
-    leading axis. The returned tree is new at every level; leaves other than alpha are shared.
+    Args:
+        params: a params tree holding at least one steerable variant (stacked or not).
+        alpha: a finite number or a 0-d floating tensor — also a vmapped one:
+            ``vmap(lambda a: lf.call(model, lf.with_alpha(p, a), x))(alphas)`` sweeps in one call.
+    Returns:
+        A tree new at every level (the caller's dicts are never shared); leaves other than alpha
+        are the same tensors. Stacked params keep their leading axis.
+    Raises:
+        ValueError: a non-finite, non-numeric, boolean or non-scalar alpha, or no steerable variant.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> p = lf.init(0, model, lf.AntiPaSTOConfig(r=4, block_size=2))
+        >>> x = torch.randn(3, 8)
+        >>> torch.equal(lf.call(model, lf.with_alpha(p, 0.0), x), model(x))  # alpha = 0: the base, bit for bit
+        True
     """
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point() or alpha.ndim != 0:
@@ -177,13 +219,46 @@ def _declared(params: Params) -> Params:
 
 
 def trainable(params: Params) -> list[Tensor]:
-    """The leaves an optimizer should see: those each variant declares trainable (``TRAINABLE``)."""
+    """The leaves an optimizer should see: those each variant declares trainable (``TRAINABLE``).
+
+    Args:
+        params: a params tree (stacked or not).
+    Returns:
+        The trainable leaves, in tree order (frozen ones — scales, SVD bases, PiSSA's A0/B0 — never).
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> p = lf.init(0, torch.nn.Sequential(torch.nn.Linear(8, 8)), lf.LoRAConfig(r=2))
+        >>> opt = torch.optim.AdamW(lf.trainable(p), lr=1e-3)
+        >>> [tuple(t.shape) for t in lf.trainable(p)]
+        [(2, 8), (8, 2)]
+    """
     return [v for by_variant in params.values() for name, leaves in by_variant.items()
             for leaf, v in leaves.items() if is_trainable(name, leaf)]
 
 
 def partition(params: Params) -> tuple[Params, Params]:
-    """(trainable, frozen): two trees with the same paths, each holding its half of the leaves."""
+    """(trainable, frozen): two trees with the same paths, each holding its half of the leaves.
+
+    For ``torch.func.grad``: differentiate with respect to the trainable half only, and put the
+    halves back together with ``combine`` inside the loss.
+
+    Args:
+        params: a params tree.
+    Returns:
+        (trainable, frozen), split by each variant's ``TRAINABLE`` declaration.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 2))
+        >>> train, frozen = lf.partition(lf.init(0, model, lf.LoRAConfig(r=2)))
+        >>> sorted(train["0"]["lora"]), sorted(frozen["0"]["lora"])
+        (['A', 'B'], ['scale'])
+        >>> x = torch.randn(4, 8)
+        >>> grads = torch.func.grad(lambda t: lf.call(model, lf.combine(t, frozen), x).sum())(train)
+        >>> tuple(grads["0"]["lora"]["B"].shape)
+        (2, 2)
+    """
     def split(keep):
         return {path: {name: {leaf: v for leaf, v in leaves.items() if is_trainable(name, leaf) == keep}
                        for name, leaves in by_variant.items()} for path, by_variant in params.items()}
@@ -191,7 +266,19 @@ def partition(params: Params) -> tuple[Params, Params]:
 
 
 def combine(trainable_part: Params, frozen_part: Params) -> Params:
-    """Inverse of ``partition`` (works on the gradient-tracking tensors torch.func.grad passes)."""
+    """Inverse of ``partition`` (works on the gradient-tracking tensors torch.func.grad passes).
+
+    Args:
+        trainable_part, frozen_part: the two halves (any paths present in either).
+    Returns:
+        One params tree with the leaves of both.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> p = lf.init(0, torch.nn.Sequential(torch.nn.Linear(8, 2)), lf.LoRAConfig(r=2))
+        >>> sorted(lf.combine(*lf.partition(p))["0"]["lora"])
+        ['A', 'B', 'scale']
+    """
     out = {}
     for p in frozen_part.keys() | trainable_part.keys():
         out[p] = {}

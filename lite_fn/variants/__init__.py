@@ -39,6 +39,23 @@ def register(variant: Any, *, replace: bool = False) -> VariantSpec:
         The registered ``VariantSpec``.
     Raises:
         TypeError / ValueError naming a missing member or a bad NAME; ValueError when NAME is taken.
+
+    Example:
+        >>> import types, dataclasses, typing, torch, lite_fn as lf
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class BiasShiftConfig:
+        ...     variant_name: typing.ClassVar[str] = "bias_shift"
+        >>> shift = types.SimpleNamespace(
+        ...     NAME="bias_shift", TRAINABLE=frozenset({"d"}), Config=BiasShiftConfig,
+        ...     init=lambda key, W, cfg, stat=None: {"d": torch.zeros(W.shape[0], requires_grad=True)},
+        ...     apply=lambda params, W, x, b=None: torch.nn.functional.linear(x, W, b) + params["d"],
+        ...     shapes=lambda leaves, d_out, d_in: {"d": (d_out,)})
+        >>> spec = lf.register_variant(shift)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> p = lf.init(0, model, BiasShiftConfig())
+        >>> torch.equal(lf.call(model, p, torch.ones(1, 4)), model(torch.ones(1, 4)))
+        True
+        >>> _ = lf.REGISTRY.pop("bias_shift")
     """
     spec = VariantSpec.of(variant)
     if spec.NAME in REGISTRY and not replace and REGISTRY[spec.NAME].source is not spec.source:
