@@ -1,6 +1,8 @@
 """Validation at the door: every error names the bad value and says what would work."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -100,3 +102,8 @@ def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int =
             raise ValueError(f"{where}[{k!r}] is on {v.device} but the layer's weight is on {W.device}; move the params "
                              f"to {W.device}")
     return K
+
+
+def like(W: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """``dict(dtype=..., device=...)`` of W (or ``dtype``), for ``torch.zeros(shape, **like(W))``."""
+    return {"dtype": W.dtype if dtype is None else dtype, "device": W.device}

@@ -91,7 +91,8 @@ class _Mode(TorchFunctionMode):
                 f"inference run under torch.no_grad(); to train, call model.train() before the first forward, or reload it")
         b = getattr(layer.module, "bias", None)
         b = None if b is None else self._value(b)
-        return layer.handler(x, QuantizedWeight(layer.module, layer.kind, x, output), b, lambda: output)
+        W = QuantizedWeight(layer.module, layer.kind, x, output)  # a Tensor to the variant: F.linear, shape, dtype
+        return layer.handler(x, W, b, lambda: output)  # type: ignore[arg-type]
 
     def _match(self, func, args, kwargs) -> Layer | None:
         layers = self.by_op[func]
@@ -119,13 +120,14 @@ class _Mode(TorchFunctionMode):
         if func in self.by_op:
             layer = self._match(func, args, kwargs)
             unpacked = None if layer is None else layer.kind.unpack(args, kwargs)
-            if unpacked is not None:
+            if layer is not None and unpacked is not None:
                 self.hit.add(layer.path)
                 x, b = unpacked
-                own = (layer.module.weight, b)
+                weight: Tensor = layer.module.weight  # type: ignore[assignment]
+                own = (weight, b)
                 sub_args = tuple(self._value(a) if any(a is o for o in own if o is not None) else a for a in args)
                 sub_kwargs = {k: self._value(v) if any(v is o for o in own if o is not None) else v for k, v in kwargs.items()}
-                W = layer.kind.dense(self._value(layer.module.weight))
+                W = layer.kind.dense(self._value(weight))
                 return layer.handler(x, W, None if b is None else self._value(b), lambda: func(*sub_args, **sub_kwargs))
         if swap:
             args = tuple(swap.get(id(a), a) if isinstance(a, Tensor) else a for a in args)

@@ -47,13 +47,13 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
 
 
-def _linear_args(args: tuple, kwargs: dict):
+def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     x = args[0] if args else kwargs.get("input")
     b = args[2] if len(args) > 2 else kwargs.get("bias")
     return x, b
 
 
-def _addmm_args(args: tuple, kwargs: dict):
+def _addmm_args(args: tuple, kwargs: dict) -> tuple[Any, Any] | None:
     # Conv1D.forward: torch.addmm(bias, x.view(-1, d_in), weight); any beta/alpha is not Conv1D's product
     if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
         return None
@@ -66,42 +66,44 @@ def _is_bnb(class_name: str) -> Callable[[nn.Module], bool]:
     return lambda m: type(m).__name__ == class_name and type(m).__module__.startswith("bitsandbytes")
 
 
-def _dequantize_4bit(w: Tensor) -> Tensor:
-    import bitsandbytes as bnb
+def _dequantize_4bit(w: Any) -> Tensor:
+    import bitsandbytes as bnb  # pyright: ignore[reportMissingImports]
 
-    return bnb.functional.dequantize_4bit(w.data, w.quant_state).detach()
+    return bnb.functional.dequantize_4bit(  # pyright: ignore[reportAttributeAccessIssue]
+        w.data, w.quant_state).detach()
 
 
-def _product_4bit(m: nn.Module, x: Tensor, b: Tensor | None) -> Tensor:
-    import bitsandbytes as bnb
+def _product_4bit(m: Any, x: Tensor, b: Tensor | None) -> Tensor:
+    import bitsandbytes as bnb  # pyright: ignore[reportMissingImports]
 
     # Linear4bit.forward without its in-place caching: x in the compute dtype, the packed kernel, back to x's dtype
     xc = x if m.compute_dtype is None else x.to(m.compute_dtype)
-    return bnb.matmul_4bit(xc, m.weight, bias=None if b is None else b.to(xc.dtype), quant_state=m.weight.quant_state).to(x.dtype)
+    return bnb.matmul_4bit(  # pyright: ignore[reportPrivateImportUsage]
+        xc, m.weight, bias=None if b is None else b.to(xc.dtype), quant_state=m.weight.quant_state).to(x.dtype)
 
 
-def _dtype_4bit(m: nn.Module) -> torch.dtype:
+def _dtype_4bit(m: Any) -> torch.dtype:
     return m.compute_dtype or (m.bias.dtype if m.bias is not None else torch.get_default_dtype())
 
 
-def _passes_gradient_4bit(m: nn.Module) -> bool:
+def _passes_gradient_4bit(m: Any) -> bool:
     # bitsandbytes repacks a CPU 4-bit weight for inference on its first eval call without gradients; the
     # repacked kernel (gemv_4bit) has no autograd formula, so the layer's input would silently get no gradient
     return not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
 
 
-def _dequantize_8bit(w: Tensor) -> Tensor:
+def _dequantize_8bit(w: Any) -> Tensor:
     scb = w.SCB if getattr(w, "SCB", None) is not None else torch.ones(w.shape[0], device=w.device)
     return (w.data.float() * scb.float()[:, None] / 127.0).detach()
 
 
-def _product_8bit(m: nn.Module, x: Tensor, b: Tensor | None) -> Tensor:
-    import bitsandbytes as bnb
+def _product_8bit(m: Any, x: Tensor, b: Tensor | None) -> Tensor:
+    import bitsandbytes as bnb  # pyright: ignore[reportMissingImports]
 
-    return bnb.matmul(x, m.weight, bias=b, state=m.state)
+    return bnb.matmul(x, m.weight, bias=b, state=m.state)  # pyright: ignore[reportPrivateImportUsage]
 
 
-def _dtype_8bit(m: nn.Module) -> torch.dtype:
+def _dtype_8bit(m: Any) -> torch.dtype:
     return m.bias.dtype if m.bias is not None else torch.get_default_dtype()
 
 
@@ -130,9 +132,10 @@ class QuantizedWeight:
 
     ndim = 2
 
-    def __init__(self, module: nn.Module, kind: LayerKind, x: Tensor | None = None, y: Tensor | None = None):
+    def __init__(self, module: Any, kind: LayerKind, x: Tensor | None = None, y: Tensor | None = None):
         self.module, self.kind, self._x, self._y = module, kind, x, y
         self.shape = torch.Size((module.out_features, module.in_features))
+        assert kind.compute_dtype is not None and kind.product is not None, f"{kind.name} is not a module kind"
         self.dtype = kind.compute_dtype(module)
         self.device = module.weight.device
 
@@ -145,8 +148,8 @@ class QuantizedWeight:
             if b is None and own_bias is not None:
                 return self._y - own_bias  # peft's DoRA subtracts the bias from the base result the same way
             if b is None or own_bias is None or b is own_bias or torch.equal(b, own_bias):
-                return self._y
-        return self.kind.product(self.module, x, b)
+                return self._y  # type: ignore[return-value]
+        return self.kind.product(self.module, x, b)  # type: ignore[misc]
 
     def detach(self) -> Tensor:
         return self.dense()
@@ -200,9 +203,9 @@ def is_adaptable(module: nn.Module) -> bool:
 
 def stored_weight(module: nn.Module) -> Tensor:
     """The weight tensor the module holds right now (FSDP2 and offload hooks swap it during forward)."""
-    return module.weight
+    return module.weight  # type: ignore[return-value]
 
 
 def weight_bias(module: nn.Module, path: str) -> tuple[Tensor, Tensor | None]:
     """(W (d_out, d_in), b or None) as the module currently holds them (dequantized for module kinds)."""
-    return kind_of(module, path).dense(module.weight), getattr(module, "bias", None)
+    return kind_of(module, path).dense(module.weight), getattr(module, "bias", None)  # type: ignore[arg-type]

@@ -256,7 +256,7 @@ def plot(path: Path, alphas: list[float], sweep_margin: list[float], sweep_acc: 
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m lite_fn.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lite_fn.demo", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--out", default="demo_out", help="folder for alpha_sweep.png and results.json (default: demo_out/)")
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny data, 2 steps per variant (no learning expected)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default 24; --tiny: 2)")

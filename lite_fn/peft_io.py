@@ -80,6 +80,7 @@ import shutil
 import stat
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -519,7 +520,7 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
             raise ValueError(f"{weights_file!r}: module {mpath!r} " + "; ".join(
                 ([f"lacks tensor(s) {absent}"] if absent else []) +
                 ([f"has tensor(s) {unexpected} that use_dora={use_dora} does not use"] if unexpected else [])))
-        W = layer_kind.dense(module.weight)
+        W = layer_kind.dense(module.weight)  # type: ignore[arg-type]
         params[mpath] = dict([_LEAVES[kind](ctx, mpath, found, W, layer_kind.name)])
     io.check_against(model, params, source=f"peft adapter {folder!r}")
     return trees._declared(params)
@@ -677,7 +678,7 @@ def _lowrank(name: str, leaves: dict[str, Tensor], dtype: torch.dtype) -> tuple[
     return A, B, 1.0
 
 
-def _pattern_keys(wanted: dict[str, object], default, paths: list[str]) -> dict[str, object]:
+def _pattern_keys(wanted: Mapping[str, object], default, paths: list[str]) -> dict[str, object]:
     """A peft rank_pattern / alpha_pattern giving ``wanted[path]`` for every path (``default`` elsewhere):
     module paths as keys (what peft writes) if peft's matcher resolves them exactly, else anchored regexes."""
     for anchored in (False, True):
@@ -728,7 +729,7 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         (name, leaves), = bv.items()
         module = modules[path]
         lk = _layers.kind_of(module, path)
-        W = lk.dense(module.weight)
+        W = lk.dense(module.weight)  # type: ignore[arg-type]
         try:
             _checks.check_leaves(path, variants.get(name), leaves, W, 0)
         except ValueError:

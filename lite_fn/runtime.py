@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-import optree
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
@@ -20,7 +19,7 @@ from torch.func import vmap
 from . import _base, _checks, _inject, _keys, _layers, linalg, variants
 from ._contract import VariantSpec
 from .calibration import collect as collect_statistics
-from .trees import Params, _declared, _functorch_wrapped
+from .trees import Params, _declared, _functorch_wrapped, tree_map
 
 
 # Output heads and embedding-like names never targeted by default.
@@ -79,7 +78,7 @@ def _current(module: nn.Module, kind: _layers.LayerKind, swap: dict[int, Tensor]
     (module) kind, a ``QuantizedWeight`` (shape, dtype, device; values on demand)."""
     if kind.op is None:
         return _layers.QuantizedWeight(module, kind)  # type: ignore[return-value]
-    w = module.weight
+    w: Tensor = module.weight  # type: ignore[assignment]
     return kind.dense(swap.get(id(w), w))
 
 
@@ -241,7 +240,7 @@ def _routed(path: str, variant: VariantSpec, leaves: dict[str, Tensor], route: T
         if isinstance(W, _layers.QuantizedWeight):  # the quantized kernel cannot run under vmap: one group per adapter
             y = _grouped(variant, leaves, route, xs, W, b, seed)
             return y if xs is x else y.reshape(N, *y.shape[2:])
-        per_example = optree.tree_map(lambda v: v[route], leaves)
+        per_example = tree_map(lambda v: v[route], leaves)
         if seed is None:
             y = vmap(variant.apply, in_dims=(0, None, 0, None))(per_example, W, xs, b)
         else:
@@ -264,9 +263,10 @@ def _grouped(variant: VariantSpec, leaves: dict[str, Tensor], route: Tensor, xs:
         x_k = xs[index]
         W_k = _layers.QuantizedWeight(W.module, W.kind, x_k, None if ys is None else ys[index])
         extra = () if noise is None else (noise[index],)
-        y_k = variant.apply(optree.tree_map(lambda v: v[k], leaves), W_k, x_k, b, *extra)
+        y_k = variant.apply(tree_map(lambda v: v[k], leaves), W_k, x_k, b, *extra)
         out = y_k.new_zeros((xs.shape[0], *y_k.shape[1:])) if out is None else out
         out = out.index_copy(0, index, y_k)
+    assert out is not None  # a route has at least one entry
     return out
 
 
@@ -415,8 +415,8 @@ def merge(model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None
                              f"{path}.weight passed to functional_call would replace those too. Untie it first "
                              f"(model.{path}.weight = nn.Parameter(model.{path}.weight.clone())) or use lf.call")
         W = _values(_current(module, kind, swap))
-        b = getattr(module, "bias", None)
-        b = None if b is None else swap.get(id(b), b).detach()
+        bias: Tensor | None = getattr(module, "bias", None)
+        b = None if bias is None else swap.get(id(bias), bias).detach()
         W_new, b_new = variants.merge(variant, leaves, W.detach(), b)
         out[f"{path}.weight"] = kind.store(W_new)
         if b_new is not None:

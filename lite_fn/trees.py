@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import optree
 import torch
@@ -19,8 +20,14 @@ from .variants import _padding
 Params = dict[str, dict[str, dict[str, Tensor]]]
 
 
+def tree_map(fn, tree, *rests) -> Any:
+    """optree.tree_map over params trees (typed loosely: a params tree is a nested dict of tensors)."""
+    return optree.tree_map(fn, tree, *rests)  # pyright: ignore[reportArgumentType]
+
+
 def _functorch_wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """A tensor seen inside vmap/grad (its value is not a plain number to check)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
@@ -69,16 +76,17 @@ def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
     if pad:
         params_list = _padded(list(params_list))
     first = params_list[0]
-    spec = optree.tree_structure(first)
+    spec = optree.tree_structure(first)  # pyright: ignore[reportArgumentType]
     for i, p in enumerate(params_list[1:], 1):
-        if optree.tree_structure(p) != spec:
-            raise ValueError(f"params #{i} has a different structure than params #0 (paths/variants/leaves must match): {optree.tree_structure(p)} vs {spec}")
+        other = optree.tree_structure(p)  # pyright: ignore[reportArgumentType]
+        if other != spec:
+            raise ValueError(f"params #{i} has a different structure than params #0 (paths/variants/leaves must match): {other} vs {spec}")
     def stack_leaf(*xs):
         shapes = {tuple(x.shape) for x in xs}
         if len(shapes) != 1:
             raise ValueError(f"cannot stack leaves of shapes {sorted(shapes)}; all adapters must have equal shapes (same r, same targets)")
         return torch.stack([x.detach() for x in xs])
-    return _declared(optree.tree_map(stack_leaf, *params_list))
+    return _declared(tree_map(stack_leaf, *params_list))
 
 
 def _padded(params_list: list[Params]) -> list[Params]:
@@ -113,8 +121,8 @@ def _padded(params_list: list[Params]) -> list[Params]:
         shapes = {k: {leaf: tuple(v.shape) for leaf, v in lv.items()} for k, lv in leaves.items()}
         if len(present) == K and all(s == shapes[0] for s in shapes.values()):
             padded = leaves
-        elif variants.get(name).pad is not None:
-            padded = variants.get(name).pad(path, leaves, K, lambda k, leaf, name=name: own(k, name, leaf))
+        elif (pad_hook := variants.get(name).pad) is not None:
+            padded = pad_hook(path, leaves, K, lambda k, leaf, name=name: own(k, name, leaf))
         else:
             _padding.refuse(name, path, f"the variant has no pad hook, and the adapters differ there (shapes {shapes}, "
                                         f"present in adapters {sorted(present)} of {K})")
@@ -144,7 +152,7 @@ def unstack(stacked: Params) -> list[Params]:
         >>> len(back), torch.equal(back[2]["0"]["lora"]["A"], ps[2]["0"]["lora"]["A"])
         (3, True)
     """
-    leaves = optree.tree_leaves(stacked)
+    leaves: list[Tensor] = optree.tree_leaves(stacked)  # pyright: ignore[reportArgumentType]
     if not leaves:
         raise ValueError("lf.unstack: the params tree has no leaves")
     sizes = {tuple(v.shape[:1]) for v in leaves}
@@ -152,7 +160,7 @@ def unstack(stacked: Params) -> list[Params]:
         raise ValueError(f"lf.unstack: leaves have leading sizes {sorted(sizes)}; a stacked tree (lf.stack) has one "
                          f"leading adapter axis K on every leaf")
     K = leaves[0].shape[0]
-    return [_declared(optree.tree_map(lambda v: v[k].detach().clone(), stacked)) for k in range(K)]
+    return [_declared(tree_map(lambda v: v[k].detach().clone(), stacked)) for k in range(K)]
 
 
 def with_alpha(params: Params, alpha: float | Tensor) -> Params:

@@ -7,6 +7,8 @@ computing exactly what it computed alone (or raises ``PadError`` explaining why 
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 from torch import Tensor
 
@@ -15,7 +17,7 @@ class PadError(ValueError):
     pass
 
 
-def refuse(name: str, path: str, why: str):
+def refuse(name: str, path: str, why: str) -> NoReturn:
     raise PadError(f"lf.stack(pad=True): cannot pad {name} at {path!r} exactly: {why}")
 
 

@@ -124,6 +124,7 @@ def _select(S: Tensor, cfg: AntiPaSTOConfig, st: Stat | None, d_in: int) -> Tens
         return torch.arange(cfg.r, device=S.device)
     who = "antipasto.init"
     _checks.calibration_stat(st, Stat, cfg.r, who, "AntiPaSTO select='data'", "antipasto.stat(cfg, W)")
+    assert isinstance(st, Stat)  # calibration_stat raised otherwise
     if st.d_in != d_in or st.abs_sum.numel() != S.numel():
         raise ValueError(f"{who}: stat was built for another weight shape (d_in={st.d_in}); build it with antipasto.stat(cfg, W) for this layer")
     score = S.double() * st.abs_sum.to(S.device) / st.tokens  # S_i · mean |x · v_i|
@@ -138,7 +139,7 @@ def init(key: _keys.Key, W: Tensor, cfg: AntiPaSTOConfig, stat: Stat | None = No
     idx = _select(S, cfg, stat, d_in)
     n_blocks, n_params = cfg.r // cfg.block_size, cfg.block_size * (cfg.block_size - 1) // 2
     k_s, k_v, k_u = _keys.split(key, 3)  # one key per leaf: toggling rotate_u leaves the others unchanged
-    opts = dict(dtype=W.dtype, device=W.device)
+    opts = _checks.like(W)
     params = {
         "U": U[:, idx].to(**opts),
         "S": S[idx].to(**opts),

@@ -54,7 +54,7 @@ def init(key: _keys.Key, W: Tensor, cfg: DeLoRAConfig, stat=None) -> dict[str, T
     d_out, d_in = _checks.check_weight(W, "delora.init")
     _checks.check_rank(cfg.r, d_out, d_in, "delora.init")
     A = linalg.kaiming_uniform(_keys.generator(key), (cfg.r, d_in), fan_in=d_in)
-    opts = dict(dtype=W.dtype, device=W.device)
+    opts = _checks.like(W)
     return {
         "A": A.to(**opts).requires_grad_(True),
         "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),

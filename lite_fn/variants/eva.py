@@ -104,7 +104,7 @@ class Stat:
         self.share_key = (NAME, d_in, self.n_components, tau)  # depends on the inputs only, not on W
         self.tokens = 0
         self.converged = False
-        f64 = dict(dtype=torch.float64, device=device)
+        f64: dict = {"dtype": torch.float64, "device": device}
         self.mean = torch.zeros(d_in, **f64)
         self.scatter = torch.zeros(d_in, d_in, **f64)  # Σ (x − μ)(x − μ)ᵀ
         self.eigvals = torch.zeros(d_in, **f64)  # PCA of the data so far (descending), refreshed per update
@@ -174,10 +174,11 @@ def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, stat: Stat | None = None) ->
     d_out, d_in = _checks.check_weight(W, who)
     _checks.check_rank(cfg.r, d_out, d_in, who)
     check_stat(stat, cfg.r, d_in, who)
+    assert isinstance(stat, Stat)  # check_stat raised otherwise
     A = stat.components[: cfg.r]  # (r, d_in) float64
     if cfg.whiten:
         A = A / stat.eigvals[: cfg.r, None].clamp_min(torch.finfo(torch.float64).tiny).pow(0.25)
-    opts = dict(dtype=W.dtype, device=W.device)
+    opts = _checks.like(W)
     return {
         "A": A.to(**opts).requires_grad_(True),
         "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),

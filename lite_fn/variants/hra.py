@@ -19,7 +19,7 @@ to exactly zero and peft returns NaN, so there is no identity init to match.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 from einops import repeat
@@ -65,7 +65,7 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     return {"U": (r, d_in)}
 
 
-def pad(path: str, present: dict, K: int, own) -> dict:
+def pad(path: str, present: dict, K: int, own) -> NoReturn:
     """lf.stack(pad=True) cannot pad HRA: refused with the reason."""
     _padding.refuse(NAME, path, "HRA's reflections cannot be padded: a reflection of the zero vector is undefined "
                                 "(I − 2uuᵀ/‖u‖² at u = 0), and a pair of equal reflections is the identity only up to "

@@ -88,7 +88,7 @@ def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:
         A = torch.randn((cfg.r, d_in), generator=gen) / cfg.r
     else:
         A = linalg.kaiming_uniform(gen, (cfg.r, d_in), fan_in=d_in)
-    opts = dict(dtype=W.dtype, device=W.device)
+    opts = _checks.like(W)
     return {
         "A": A.to(**opts).requires_grad_(True),
         "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),

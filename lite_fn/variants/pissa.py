@@ -86,7 +86,7 @@ def init(key: _keys.Key, W: Tensor, cfg: PiSSAConfig, stat=None) -> dict[str, Te
         "scale": torch.tensor(cfg.scale, dtype=W.dtype, device=W.device),
         "A0": A,
         "B0": B,
-        **dropout_leaf(cfg, dict(dtype=W.dtype, device=W.device)),
+        **dropout_leaf(cfg, _checks.like(W)),
     }
 
 

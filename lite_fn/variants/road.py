@@ -76,7 +76,7 @@ def init(key: _keys.Key, W: Tensor, cfg: ROADConfig, stat=None) -> dict[str, Ten
     _check_groups(d_out, cfg.group_size, "road.init")
     G, h = d_out // cfg.group_size, cfg.group_size // 2
     shape = {"road_1": (G, 1, h), "road_2": (G, 2, h), "road_4": (G, 2, 2, h)}[cfg.variant]
-    opts = dict(dtype=W.dtype, device=W.device)
+    opts = _checks.like(W)
     return {
         "theta": torch.zeros(shape, **opts).requires_grad_(True),
         "alpha": torch.ones(shape, **opts).requires_grad_(True),
