@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python
 start=$SECONDS
-for b in bench_many_adapters bench_train_step bench_steering bench_calibration_memory bench_compile; do
+for b in bench_injection bench_many_adapters bench_train_step bench_steering bench_calibration_memory bench_compile \
+         bench_qlora bench_peft_load bench_train_many bench_generate; do
     t0=$SECONDS
     echo "=== $b $*"
     "$PY" "benchmarks/$b.py" "$@"

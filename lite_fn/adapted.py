@@ -14,7 +14,9 @@ is never copied, moved, synchronised or mutated.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from collections.abc import Mapping
 
 from torch import Tensor, nn
@@ -33,6 +35,37 @@ def _leaf_name(path: str, variant: str, leaf: str, taken: set[str], module: nn.M
     return unique
 
 
+# {base model class: its facade class}; see Adapted.__new__
+_FACADES: weakref.WeakKeyDictionary[type, type[Adapted]] = weakref.WeakKeyDictionary()
+
+
+def _facade_class(model_cls: type) -> type[Adapted]:
+    """``Adapted[<model class>]``: Adapted whose ``forward`` shows the model class's signature.
+
+    Engines read the signature of the module they train: ``transformers.Trainer`` keeps only the
+    dataset columns ``forward`` names, finds the label columns (``labels``) by name, and so on.
+    A bare ``forward(*args, **kwargs)`` would make it drop every column. The wrapper only carries
+    the signature; it calls ``Adapted.forward``.
+    """
+    cls = _FACADES.get(model_cls)
+    if cls is None:
+        def forward(self, *args, **kwargs):
+            return Adapted.forward(self, *args, **kwargs)
+        with contextlib.suppress(TypeError, ValueError):  # no introspectable signature: keep (*args, **kwargs)
+            forward.__signature__ = inspect.signature(model_cls.forward)
+        forward.__doc__ = Adapted.forward.__doc__
+        name = f"Adapted[{model_cls.__name__}]"
+        forward.__qualname__ = f"{name}.forward"
+        cls = type(name, (Adapted,), {"forward": forward, "__module__": __name__, "__doc__": Adapted.__doc__})
+        _FACADES[model_cls] = cls
+    return cls
+
+
+def _empty_facade(model_cls: type) -> Adapted:
+    """An uninitialised ``Adapted[model_cls]`` for unpickling (its state is set next)."""
+    return nn.Module.__new__(_facade_class(model_cls))
+
+
 class Adapted(nn.Module):
     """``model`` with the adapters ``params``, as an ``nn.Module`` whose parameters are the adapters.
 
@@ -49,20 +82,47 @@ class Adapted(nn.Module):
 
     ``forward(*args, **kwargs)`` is ``lf.call(model, self.params, *args, base=base, **kwargs)``, so
     it returns what the model returns (with ``labels=``, a Hugging Face model's output ``.loss``),
-    and takes ``lf.call``'s keywords (``route=``, ``base=``, ``freeze_base=``).
+    and takes ``lf.call``'s keywords (``route=``, ``base=``, ``key=``, ``freeze_base=``). The object
+    is an ``Adapted[<model class>]``, a subclass made once per model class whose ``forward`` shows
+    the model's signature, because engines read it: ``transformers.Trainer`` keeps the dataset
+    columns the forward names and finds ``labels`` there. ``accepts_loss_kwargs`` and
+    ``loss_type`` are the model's too, so Trainer normalises the loss as for the bare model.
 
     Leaves are registered under their checkpoint key with ``.`` replaced by ``__`` (for example
     ``model__layers__0__self_attn__q_proj__lora__A``); ``tree_keys`` maps each registered name back
     to ``(module_path, variant, leaf)``. ``state_dict()`` holds exactly the adapter leaves,
     trainable and frozen, and ``load_state_dict`` restores them exactly; ``lf.save(path,
-    module.params)`` writes a lite_fn checkpoint.
+    module.params)`` writes a lite_fn checkpoint. Frozen leaves never change, so under DDP
+    ``broadcast_buffers=False`` saves a broadcast per step.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``params`` is not a non-empty params tree.
+        ValueError: a path holds no variant or several.
+        KeyError: an unknown variant name.
 
     Example:
-        >>> module = lf.Adapted(model, lf.init(0, model, lf.LoRAConfig(r=8), targets=r"q_proj$"))
-        >>> opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
-        >>> module(ids, labels=ids).loss.backward(); opt.step()
-        >>> lf.save("adapter.safetensors", module.params)
+        >>> import torch, lite_fn as lf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> module = lf.Adapted(model, lf.init(0, model, lf.LoRAConfig(r=2), targets=r"^0$"))
+        >>> [name for name, _ in module.named_parameters()], list(module.state_dict())
+        (['0__lora__A', '0__lora__B'], ['0__lora__A', '0__lora__B', '0__lora__scale'])
+        >>> x = torch.randn(4, 8)
+        >>> opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+        >>> module(x).square().mean().backward()
+        >>> opt.step()
+        >>> torch.equal(module(x), lf.call(model, module.params, x)), list(module.children())
+        (True, [])
     """
+
+    # set in __init__ with object.__setattr__, outside nn.Module's registries
+    model: nn.Module
+    base: Mapping[str, Tensor] | None
+    _tree_keys: dict[str, tuple[str, str, str]]
+
+    def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
+        # a subclass per model class, whose forward shows the model's signature (see _facade_class)
+        facade = _facade_class(type(model)) if cls is Adapted and isinstance(model, nn.Module) else cls
+        return nn.Module.__new__(facade)
 
     def __init__(self, model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None = None):
         super().__init__()
@@ -94,6 +154,10 @@ class Adapted(nn.Module):
                 keys[name] = (path, variant, leaf)
         object.__setattr__(self, "_tree_keys", keys)
 
+    def __reduce_ex__(self, protocol):
+        # pickle and deepcopy: rebuild the facade class from the model class (it is made at run time)
+        return _empty_facade, (type(self.model),), self.__getstate__()
+
     def __setattr__(self, name: str, value) -> None:
         if name in ("model", "base"):
             raise AttributeError(f"lf.Adapted.{name} is fixed at construction (the base model stays outside the module "
@@ -115,6 +179,7 @@ class Adapted(nn.Module):
         return out
 
     def forward(self, *args, **kwargs):
+        """``lf.call(self.model, self.params, *args, base=self.base, **kwargs)``."""
         kwargs.setdefault("base", self.base)
         return runtime.call(self.model, self.params, *args, **kwargs)
 

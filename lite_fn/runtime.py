@@ -281,7 +281,17 @@ def _applying(entry: _Entry, route: Tensor | None, key) -> _inject.Handler:
     return lambda x, W, b, base: variant.apply(leaves, W, x, b, _noise(seed, x))
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model re-runs its layers during backward (activation checkpointing)."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_activation_checkpointing", False)) if flag is not None else False
+
+
 def _prepare(model, params, route, freeze_base, base, key=None):
+    if torch.is_grad_enabled() and model.training and _checkpointing(model):
+        raise RuntimeError(f"{type(model).__name__} has gradient checkpointing on: it re-runs layers during backward, after "
+                           f"lf.call has returned, so their adapters would get no (or wrong) gradients. Turn it off with "
+                           f"model.gradient_checkpointing_disable() (or evaluate under torch.no_grad())")
     swap, aliases = _base.swap_map(model, base, freeze_base)
     entries, K = _entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
     if route is not None:

