@@ -417,7 +417,7 @@ def save_plot(fig, name: str, args) -> str | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
-    except Exception as e:  # noqa: BLE001 — a failed plot must not lose the measured table
+    except Exception as e:
         print(f"could not save {path}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
     print(f"wrote {path}", flush=True)

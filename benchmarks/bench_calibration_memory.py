@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 
+import _common as C
 import torch
 
-import _common as C
 import lite_fn as lf
 
 METHODS = {

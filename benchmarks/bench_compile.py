@@ -18,9 +18,9 @@ import warnings
 if "--warm-cache" not in sys.argv:  # measure a cold compile: no on-disk inductor/FX caches from earlier runs
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 
+import _common as C
 import torch
 
-import _common as C
 import lite_fn as lf
 
 

@@ -16,9 +16,9 @@ import copy
 import time
 import warnings
 
+import _common as C
 import torch
 
-import _common as C
 import lite_fn as lf
 
 TARGETS = r"(q_proj|v_proj|o_proj|down_proj)$"

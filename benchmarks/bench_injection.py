@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 import warnings
 
+import _common as C
 import torch
 from torch.func import functional_call
 
-import _common as C
 import lite_fn as lf
 
 
@@ -49,7 +49,7 @@ def main():
     warnings.filterwarnings("ignore", category=UserWarning)
     model = C.llama(hidden=hidden, layers=layers, attn="eager").requires_grad_(False)
     params = lf.init(0, model, lf.LoRAConfig(r=8, alpha=16), targets=C.LLAMA_TARGETS_RE)
-    params = {k: {n: {l: (v + 0.01 * torch.randn_like(v)).detach().requires_grad_(v.requires_grad) for l, v in lv.items()}
+    params = {k: {n: {leaf: (v + 0.01 * torch.randn_like(v)).detach().requires_grad_(v.requires_grad) for leaf, v in lv.items()}
                   for n, lv in bv.items()} for k, bv in params.items()}
     tab = C.Table(["workload", "tokens", "base", "before", "after", "before/base", "after/base", "after/before"])
     rows = {}

@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 import warnings
 
+import _common as C
 import torch
 from torch.func import vmap
 
-import _common as C
 import lite_fn as lf
 
 LITE = ("lite vmap", "lite route")
@@ -111,7 +111,7 @@ def peft_mixed_status(base, kind: str) -> str:
     with torch.no_grad():
         try:
             mixed = pm(x, adapter_names=["a0", "a1"]).logits
-        except Exception as e:  # noqa: BLE001 — the message is the finding
+        except Exception as e:
             return f"raises {type(e).__name__}: {str(e).splitlines()[0][:70]}"
         pm.set_adapter("a1")
         row1 = pm(x[1:]).logits
@@ -179,7 +179,7 @@ def main():
             one = lite_all[0]
             fns = {"limit": lambda: base(x_all).logits,
                    **lite_contenders(base, stacked, x_all, idx, K, B, T),
-                   **peft_contenders(pm, x_all, K, B, loop=K <= args.loop_max_k),
+                   **peft_contenders(pm, x_all, K, B, loop=args.loop_max_k >= K),
                    "lite 1 adapter": lambda: lf.call(base, one, x_all).logits}
             print(f"  K={K} ({K * B * T} tokens)", flush=True)
             with torch.no_grad():

@@ -27,10 +27,10 @@ import time
 import warnings
 from pathlib import Path
 
+import _common as C
 import torch
 from torch.func import vmap
 
-import _common as C
 import lite_fn as lf
 
 RANKS = (4, 8, 16)

@@ -17,9 +17,9 @@ import tempfile
 import time
 import warnings
 
+import _common as C
 import torch
 
-import _common as C
 import lite_fn as lf
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import warnings
 
+import _common as C
 import torch
 from torch.func import vmap
 
-import _common as C
 import lite_fn as lf
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 import warnings
 
+import _common as C
 import torch
 from torch import nn
 
-import _common as C
 import lite_fn as lf
 
 T_ALL = C.LLAMA_TARGETS

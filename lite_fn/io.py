@@ -28,6 +28,7 @@ the model (``check_against``) and all problems are reported together.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -306,10 +307,8 @@ def save(path: str | os.PathLike, params: dict, *, config=None) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     _fsync_dir(folder)
 
@@ -468,7 +467,7 @@ def _read_checkpoint(path) -> tuple[str, dict[str, str], dict, dict, dict[str, t
                 raw = st_load(blob)
         except MemoryError:
             raise
-        except Exception as e:  # noqa: BLE001 — SafetensorError, KeyError (dtype), AssertionError, …
+        except Exception as e:
             raise _Damaged(f"{shown!r} is corrupt: safetensors cannot read it ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from None
         for key, t in raw.items():
@@ -483,7 +482,7 @@ def _read_checkpoint(path) -> tuple[str, dict[str, str], dict, dict, dict[str, t
                            f"or save it again")
     except (_Damaged, MemoryError):
         raise
-    except Exception as e:  # noqa: BLE001 — a parse failure not foreseen above: still a ValueError naming the file
+    except Exception as e:
         raise _Damaged(f"{shown!r} is damaged or not a lite_fn checkpoint ({type(e).__name__}: {e})") from None
     return shown, meta, keys, layers, raw
 

@@ -331,7 +331,7 @@ def _read_weights(folder: str) -> tuple[str, dict[str, Tensor]]:
     blob = _read_regular(file)
     try:
         tensors = st_load(blob)
-    except Exception as e:  # noqa: BLE001 — SafetensorError and friends: name the file
+    except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"{file!r} is not a readable safetensors file ({type(e).__name__}: {first})") from None
     for k, t in tensors.items():
@@ -782,7 +782,7 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
                            layers_to_transform=None, layers_pattern=None)
     elif group == "IA3":
         ff = []
-        for path, name, leaves, W, _ in layers:
+        for path, name, leaves, _W, _ in layers:
             g = leaves["g"].detach()
             put(path, "ia3_l", g.reshape(1, -1) if name == "ia3_ff" else g.reshape(-1, 1))
             if name == "ia3_ff":

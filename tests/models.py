@@ -11,7 +11,7 @@ def _build(cls, cfg, seed):
     return m
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(kind, seed):
     common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     if kind == "llama":

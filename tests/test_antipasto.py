@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from helpers import assert_config_refused, assert_stat_refuses_bad_batches, make_layer, rel_err
 from torch.func import vmap
 
 import lite_fn as lf
 from lite_fn import linalg
 from lite_fn.variants import antipasto
-
-from helpers import assert_config_refused, assert_stat_refuses_bad_batches, make_layer, rel_err
 
 D_OUT, D_IN = 20, 12
 CFGS = [

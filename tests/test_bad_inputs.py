@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
+from models import tiny, tokens
 from torch import nn
 
 import lite_fn as lf
-
-from models import tiny, tokens
 
 M = tiny("llama")
 Q = "model.layers.0.self_attn.q_proj"

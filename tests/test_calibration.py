@@ -1,11 +1,10 @@
 """Streaming calibration through a whole model: memory flat in tokens, q/k/v share work, clear errors."""
 import pytest
 import torch
+from models import tiny, tokens
 
 import lite_fn as lf
 from lite_fn import calibration, variants
-
-from models import tiny, tokens
 
 QKV = r"self_attn\.(q_proj|k_proj|v_proj)$"
 
@@ -53,7 +52,7 @@ def test_eva_init_redistributes_ranks_within_budget():
     params = lf.init(0, model, cfg, targets=r"(q_proj|o_proj|down_proj|up_proj)$", calibration=list(_batches(4)), progress=False)
     ranks = {p: v["eva"]["A"].shape[0] for p, v in params.items()}
     assert sum(ranks.values()) <= 4 * 8 and max(ranks.values()) <= 8
-    for p, v in params.items():  # alpha adjusted with the rank: scale stays alpha / r
+    for v in params.values():  # alpha adjusted with the rank: scale stays alpha / r
         assert torch.allclose(v["eva"]["scale"], torch.tensor(cfg.alpha / cfg.r))
 
 

@@ -2,13 +2,18 @@
 import peft
 import pytest
 import torch
+from helpers import (
+    assert_config_refused,
+    assert_matches_reference,
+    assert_rank_above_min_dim_refused,
+    make_layer,
+    peft_linear,
+    rel_err,
+)
 
 import lite_fn as lf
 from lite_fn import variants
 from lite_fn.variants import delora
-
-from helpers import (assert_config_refused, assert_matches_reference, assert_rank_above_min_dim_refused, make_layer,
-                     peft_linear, rel_err)
 
 D_OUT, D_IN = 20, 12
 
@@ -92,7 +97,7 @@ def test_update_is_scale_invariant_and_bounded():
 def test_gradients_flow_through_the_norms():
     """Scale invariance ⇒ ⟨∂L/∂A_i, A_i⟩ = 0 and ⟨∂L/∂B_:,i, B_:,i⟩ = 0 — true only if the norms are differentiated
     (with detached norms these inner products would be the nonzero ⟨G, branch⟩). And ∂L/∂λ = ⟨G, branch⟩/λ."""
-    W, b = (t.double() for t in make_layer(D_OUT, D_IN, seed=3))
+    W, _ = (t.double() for t in make_layer(D_OUT, D_IN, seed=3))
     g = torch.Generator().manual_seed(2)
     p = {"A": torch.randn(4, D_IN, generator=g, dtype=torch.float64).requires_grad_(True),
          "B": torch.randn(D_OUT, 4, generator=g, dtype=torch.float64).requires_grad_(True),

@@ -2,12 +2,18 @@
 import peft
 import pytest
 import torch
+from helpers import (
+    NewTensorSizes,
+    assert_config_refused,
+    assert_matches_reference,
+    assert_rank_above_min_dim_refused,
+    make_layer,
+    peft_linear,
+    rel_err,
+)
 
 import lite_fn as lf
 from lite_fn.variants import dora
-
-from helpers import (NewTensorSizes, assert_config_refused, assert_matches_reference, assert_rank_above_min_dim_refused,
-                     make_layer, peft_linear, rel_err)
 
 D_OUT, D_IN = 20, 12
 
@@ -112,7 +118,7 @@ def test_functorch_grad_equals_autograd():
     p = _ours_from(*_randomised(layer, seed=7), 2.0)
     x = torch.randn(6, D_IN)
     trainable = {k: p[k] for k in ("A", "B", "m")}
-    fn = lambda t: dora.apply({**p, **t}, W, x, b).pow(2).sum()  # noqa: E731
+    fn = lambda t: dora.apply({**p, **t}, W, x, b).pow(2).sum()
     g_func = torch.func.grad(fn)({k: v.detach() for k, v in trainable.items()})
     g_auto = torch.autograd.grad(fn(trainable), list(trainable.values()))
     for k, ga in zip(trainable, g_auto):

@@ -2,14 +2,13 @@
 function of (key, layer path, position); inverted dropout; peft parity with the mask fixed."""
 import pytest
 import torch
+from helpers import make_layer, peft_linear, perturb, rel_err
+from models import tiny, tokens
 from torch import nn
 from torch.func import vmap
 
 import lite_fn as lf
 from lite_fn.variants import dora, lora
-
-from helpers import make_layer, peft_linear, perturb, rel_err
-from models import tiny, tokens
 
 
 def dropping(cfg_cls=lf.LoRAConfig, p=0.3, **kw):
@@ -19,7 +18,7 @@ def dropping(cfg_cls=lf.LoRAConfig, p=0.3, **kw):
 
 
 def without_dropout(params):
-    return {k: {n: {l: v for l, v in lv.items() if l != "dropout"} for n, lv in bv.items()} for k, bv in params.items()}
+    return {k: {n: {leaf: v for leaf, v in lv.items() if leaf != "dropout"} for n, lv in bv.items()} for k, bv in params.items()}
 
 
 def test_no_key_no_dropout_bit_for_bit_and_keys_are_reproducible():

@@ -4,12 +4,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_config_refused, assert_matches_reference, assert_stat_refuses_bad_batches, rel_err
 from torch import nn
 
 import lite_fn as lf
 from lite_fn.variants import eva
-
-from helpers import assert_config_refused, assert_matches_reference, assert_stat_refuses_bad_batches, rel_err
 
 D = 16
 
@@ -150,7 +149,7 @@ def test_plan_gives_peft_rank_distribution(peft_eva):
     ranks = {k: 0 if c is None else c.r for k, c in planned.items()}
     assert ranks == {k: v.shape[0] for k, v in state.items()}
     assert ranks == EXPECTED[peft_eva["rho"]]  # and the redistribution is not trivial
-    for k, c in planned.items():
+    for c in planned.values():
         if c is not None:  # adjust_scaling_factors: alpha · new_r / r
             assert c.alpha == cfg.alpha * (c.r / cfg.r)
 

@@ -5,11 +5,10 @@ import threading
 
 import pytest
 import torch
-
-import lite_fn as lf
-
 from helpers import perturb
 from models import tiny, tokens
+
+import lite_fn as lf
 
 TARGETS = r"(q_proj|v_proj|down_proj)$"
 
@@ -140,12 +139,10 @@ def test_applied_blocks_nest_and_unwind_on_error():
     model, ids = tiny("llama"), tokens(1, 5)
     a = moved(lf.init(0, model, lf.LoRAConfig(r=4), targets=r"q_proj$"), 1)
     b = moved(lf.init(1, model, lf.LoRAConfig(r=4), targets=r"v_proj$"), 2)
-    with lf.applied(model, a):
-        with lf.applied(model, b):
-            both = model(ids).logits
+    with lf.applied(model, a), lf.applied(model, b):
+        both = model(ids).logits
     assert torch.allclose(both, lf.call(model, {**a, **b}, ids).logits, atol=1e-6, rtol=0)
-    with pytest.raises(KeyError):
-        with lf.applied(model, a):
-            raise KeyError("boom")
+    with pytest.raises(KeyError), lf.applied(model, a):
+        raise KeyError("boom")
     assert torch._C._len_torch_function_stack() == 0
     assert torch.equal(model(ids).logits, tiny("llama")(ids).logits)

@@ -2,11 +2,10 @@
 import peft
 import pytest
 import torch
+from helpers import NewTensorSizes, assert_config_refused, assert_matches_reference, make_layer, peft_linear, rel_err
 
 import lite_fn as lf
 from lite_fn.variants import hra
-
-from helpers import NewTensorSizes, assert_config_refused, assert_matches_reference, make_layer, peft_linear, rel_err
 
 D_OUT, D_IN = 20, 12
 

@@ -4,13 +4,12 @@ import copy
 import peft
 import pytest
 import torch
+from helpers import assert_matches_reference, make_layer, rel_err
 from torch import nn
 
 import lite_fn as lf
 from lite_fn import variants
 from lite_fn.variants import ia3, ia3_ff
-
-from helpers import assert_matches_reference, make_layer, rel_err
 
 
 class Tiny(nn.Module):

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import all_cases, case_id
+from helpers import needs_calibration, perturb
+from models import logits, tiny, tokens
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import lite_fn as lf
 from lite_fn import io as lio
-
-from cases import all_cases, case_id
-from helpers import needs_calibration, perturb
-from models import logits, tiny, tokens
 
 CASES = all_cases()
 IDS = [case_id(c) for c in CASES]
@@ -382,7 +381,7 @@ def test_missing_file_fifo_and_directory(tmp_path):
     def attempt():
         try:
             lf.load(fifo)
-        except BaseException as e:  # noqa: BLE001 — reported below
+        except BaseException as e:
             result["e"] = e
 
     t = threading.Thread(target=attempt, daemon=True)

@@ -2,11 +2,10 @@
 import peft
 import pytest
 import torch
+from helpers import assert_config_refused, assert_matches_reference, make_layer, peft_linear
 
 import lite_fn as lf
 from lite_fn.variants import lora
-
-from helpers import assert_config_refused, assert_matches_reference, make_layer, peft_linear
 
 D_OUT, D_IN = 20, 12
 CFGS = [lf.LoRAConfig(r=4, alpha=8), lf.LoRAConfig(r=3, alpha=5, use_rslora=True), lf.LoRAConfig(r=4, alpha=8, init="gaussian")]

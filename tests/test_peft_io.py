@@ -11,14 +11,13 @@ import os
 import peft
 import pytest
 import torch
+from helpers import perturb, rel_err
+from models import logits, tiny, tokens
 from safetensors.torch import load_file, save_file
 from torch.func import vmap
 
 import lite_fn as lf
 from lite_fn import variants
-
-from helpers import perturb, rel_err
-from models import logits, tiny, tokens
 
 IDS = tokens(2, 6)
 

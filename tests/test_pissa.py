@@ -2,12 +2,17 @@
 import peft
 import pytest
 import torch
+from helpers import (
+    assert_config_refused,
+    assert_matches_reference,
+    assert_rank_above_min_dim_refused,
+    make_layer,
+    peft_linear,
+    rel_err,
+)
 
 import lite_fn as lf
 from lite_fn.variants import pissa
-
-from helpers import (assert_config_refused, assert_matches_reference, assert_rank_above_min_dim_refused, make_layer,
-                     peft_linear, rel_err)
 
 D_OUT, D_IN = 20, 12
 
@@ -48,7 +53,7 @@ CFGS = [lf.PiSSAConfig(r=4, alpha=8), lf.PiSSAConfig(r=4, alpha=6), lf.PiSSAConf
 
 @pytest.mark.parametrize("cfg", CFGS, ids=str)
 def test_init_matches_peft_up_to_svd_signs(cfg):
-    W, b, layer, p = _peft_and_ours(cfg)
+    W, _, layer, p = _peft_and_ours(cfg)
     A_ref, B_ref = _peft_AB(layer)
     assert float(p["scale"]) == pytest.approx(layer.scaling["default"], rel=1e-7)
     assert rel_err(p["B"] @ p["A"], B_ref @ A_ref) <= 1e-5

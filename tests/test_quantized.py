@@ -6,10 +6,9 @@ import tempfile
 import pytest
 import torch
 import transformers as tf
+from helpers import perturb, rel_err
 
 import lite_fn as lf
-
-from helpers import perturb, rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("accelerate")
@@ -25,7 +24,7 @@ QUANT = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _saved(kind: str) -> str:
     torch.manual_seed(0)
     common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

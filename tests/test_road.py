@@ -4,13 +4,12 @@ import copy
 import peft
 import pytest
 import torch
+from helpers import assert_config_refused, assert_matches_reference, make_layer, rel_err
 from torch import nn
 
 import lite_fn as lf
 from lite_fn import variants
 from lite_fn.variants import road
-
-from helpers import assert_config_refused, assert_matches_reference, make_layer, rel_err
 
 VARIANTS = ("road_1", "road_2", "road_4")
 

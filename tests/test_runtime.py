@@ -1,13 +1,12 @@
 """The model runtime on tiny Hugging Face models (Llama, Qwen2, GPT-2 with Conv1D, BERT)."""
 import pytest
 import torch
-from torch.func import vmap
-
-import lite_fn as lf
-
 from cases import all_cases, case_id
 from helpers import needs_calibration, perturb, rel_err
 from models import logits, tiny, tokens
+from torch.func import vmap
+
+import lite_fn as lf
 
 CASES = all_cases()
 IDS = [case_id(c) for c in CASES]

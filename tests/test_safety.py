@@ -6,13 +6,12 @@ import threading
 import pytest
 import torch
 import transformers as tf
+from helpers import perturb
+from models import logits, tiny, tokens
 from torch import nn
 from torch.func import vmap
 
 import lite_fn as lf
-
-from helpers import perturb
-from models import logits, tiny, tokens
 
 
 def moved(params, seed):
@@ -295,7 +294,7 @@ def test_errors_inside_the_forward_are_not_reported_as_shape_errors():
             self.lin = nn.Linear(4, 4)
 
         def forward(self, x):
-            y = self.lin(x)
+            self.lin(x)
             raise RuntimeError("CPU out of memory (simulated)")
 
     m = Boom()

@@ -3,13 +3,12 @@ import copy
 
 import pytest
 import torch
+from helpers import perturb
+from models import logits, tiny, tokens
 from safetensors.torch import load_file, save_file
 from torch.func import vmap
 
 import lite_fn as lf
-
-from helpers import perturb
-from models import logits, tiny, tokens
 
 TARGETS = r"(q_proj|v_proj|down_proj)$"
 

@@ -5,11 +5,10 @@ from typing import ClassVar
 
 import pytest
 import torch
+from models import logits, tiny, tokens
 from torch.func import vmap
 
 import lite_fn as lf
-
-from models import logits, tiny, tokens
 
 
 def make_gain_variant(name="out_gain"):
@@ -41,7 +40,7 @@ def test_user_variant_init_call_vmap_route_save_load(tmp_path):
         model, x = tiny("llama"), tokens()
         p = lf.init(0, model, Config(), targets=r"(q_proj|v_proj)$")
         assert torch.equal(logits(lf.call(model, p, x)), logits(model(x)))  # identity at init
-        moved = [{k: {n: {l: v + 0.1 * (i + 1) for l, v in lv.items()} for n, lv in bv.items()} for k, bv in p.items()}
+        moved = [{k: {n: {leaf: v + 0.1 * (i + 1) for leaf, v in lv.items()} for n, lv in bv.items()} for k, bv in p.items()}
                  for i in range(3)]
         stacked = lf.stack(moved)
         batched = vmap(lambda q: logits(lf.call(model, q, x)))(stacked)

@@ -1,12 +1,11 @@
 """Contract tests, parametrised over the variant registry (SPEC.md §2)."""
 import pytest
 import torch
+from cases import D_IN, D_OUT, all_cases, case_id
+from helpers import layer_params, make_layer, perturb, rel_err, with_steering
 from torch.func import vmap
 
 from lite_fn import variants
-
-from cases import D_IN, D_OUT, all_cases, case_id
-from helpers import layer_params, make_layer, perturb, rel_err, with_steering
 
 CASES = all_cases()
 IDS = [case_id(c) for c in CASES]
@@ -92,7 +91,7 @@ def test_gradients_reach_trainable_leaves_only(case):
     grads = torch.autograd.grad(loss, [p[k] for k in trainable])
     for k, g in zip(trainable, grads):
         assert torch.isfinite(g).all() and g.abs().sum() > 0, f"no gradient reached {k}"
-    for k, v in p.items():
+    for v in p.values():
         if not v.requires_grad:
             assert v.grad_fn is None
 
