@@ -4,6 +4,7 @@ with medians, peak-memory probes, markdown tables, RESULTS.md sections and PNG p
 Benchmarks are scripts, not tests: they print and record numbers, and compare them against the
 goals of issue 4 as "pass"/"miss" — they never assert on a timing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny smoke setting for development (prints only, unless --write)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per contender (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    p.add_argument("--write", dest="write", action="store_true", default=None, help="write RESULTS.md section + PNG (default: yes unless --quick)")
+    p.add_argument(
+        "--write",
+        dest="write",
+        action="store_true",
+        default=None,
+        help="write RESULTS.md section + PNG (default: yes unless --quick)",
+    )
     p.add_argument("--no-write", dest="write", action="store_false", help="print only")
     p.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS.md to update (the PNG goes beside it)")
     return p
@@ -129,8 +136,12 @@ def code_version() -> str:
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lite_fn"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "lite_fn"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{head}" + (" + uncommitted changes in lite_fn/" if dirty else "")
@@ -155,8 +166,15 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 LLAMA_TARGETS_RE = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
-def llama(hidden: int = 256, layers: int = 4, attn: str = "sdpa", vocab: int = 2048, seed: int = 0,
-          intermediate: int | None = None, heads: int = 4):
+def llama(
+    hidden: int = 256,
+    layers: int = 4,
+    attn: str = "sdpa",
+    vocab: int = 2048,
+    seed: int = 0,
+    intermediate: int | None = None,
+    heads: int = 4,
+):
     """A Llama-shaped causal LM with random weights (transformers.LlamaConfig), in eval mode.
 
     intermediate defaults to 2.75·hidden rounded to a multiple of 64 (704 for hidden 256; Llama-7B
@@ -166,9 +184,15 @@ def llama(hidden: int = 256, layers: int = 4, attn: str = "sdpa", vocab: int = 2
 
     if intermediate is None:
         intermediate = 64 * round(2.75 * hidden / 64)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                      max_position_embeddings=1024)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=1024,
+    )
     cfg._attn_implementation = attn
     g = torch.random.fork_rng()
     with g:
@@ -181,9 +205,11 @@ def llama(hidden: int = 256, layers: int = 4, attn: str = "sdpa", vocab: int = 2
 
 def model_desc(model) -> str:
     c = model.config
-    return (f"Llama (transformers.LlamaConfig): hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
-            f"{c.num_attention_heads} heads, intermediate {c.intermediate_size}, vocab {c.vocab_size}, "
-            f"random weights, fp32")
+    return (
+        f"Llama (transformers.LlamaConfig): hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+        f"{c.num_attention_heads} heads, intermediate {c.intermediate_size}, vocab {c.vocab_size}, "
+        f"random weights, fp32"
+    )
 
 
 def tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -207,8 +233,14 @@ class Timing:
         return q[0], q[2]
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                number: int = 1, verbose: bool = True, clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
+def interleaved(
+    contenders: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    number: int = 1,
+    verbose: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing]:
     """Time every contender ``repeats`` times, alternating inside each repeat (rotating order).
 
     Each sample is the mean of ``number`` back-to-back calls, read from ``clock`` (wall-clock by
@@ -223,7 +255,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmu
     gc_was = gc.isenabled()
     try:
         for rep in range(repeats):
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = names[rep % len(names) :] + names[: rep % len(names)]
             for n in order:
                 gc.collect()
                 gc.disable()
@@ -235,8 +267,11 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmu
                     gc.enable()
                 out[n].samples.append(dt)
             if verbose:
-                print(f"    repeat {rep + 1}/{repeats}: " + ", ".join(f"{n} {out[n].samples[-1] * 1e3:.1f}ms" for n in names),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"    repeat {rep + 1}/{repeats}: " + ", ".join(f"{n} {out[n].samples[-1] * 1e3:.1f}ms" for n in names),
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if gc_was:
             gc.enable()
@@ -366,8 +401,10 @@ class Table:
 
     def markdown(self) -> str:
         widths = [max(len(h), *(len(r[i]) for r in self.rows)) if self.rows else len(h) for i, h in enumerate(self.headers)]
+
         def line(cells):
             return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
         return "\n".join([line(self.headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, self.rows)])
 
     def print(self, title: str | None = None) -> None:
@@ -388,11 +425,18 @@ def write_section(key: str, title: str, body: str, args, png: str | None = None)
     path: Path = args.results
     begin, end = _markers(key)
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    parts = [begin, f"## {title}", "",
-             f"- command: `{command_line()}`",
-             f"- machine: {machine_line()}",
-             f"- code: {CODE_AT_START} (at start of the run)",
-             f"- date: {now}", "", body.strip(), ""]
+    parts = [
+        begin,
+        f"## {title}",
+        "",
+        f"- command: `{command_line()}`",
+        f"- machine: {machine_line()}",
+        f"- code: {CODE_AT_START} (at start of the run)",
+        f"- date: {now}",
+        "",
+        body.strip(),
+        "",
+    ]
     if png:
         parts += [f"![{title}]({png})", ""]
     parts.append(end)
@@ -434,8 +478,10 @@ def pyplot():
 
 
 def banner(what: str, args) -> None:
-    print(f"# {what}{' (--quick)' if args.quick else ''}\n# {machine_line()}\n# code {CODE_AT_START}\n# repeats {args.repeats}",
-          flush=True)
+    print(
+        f"# {what}{' (--quick)' if args.quick else ''}\n# {machine_line()}\n# code {CODE_AT_START}\n# repeats {args.repeats}",
+        flush=True,
+    )
 
 
 CODE_AT_START = code_version()  # read at import, next to the script's own `import lite_fn`

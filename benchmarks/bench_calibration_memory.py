@@ -10,6 +10,7 @@ generator (nothing is materialised up front). Reported: RSS growth above the pre
 the whole-process peak (ru_maxrss), and the bytes held by the statistics lf.init collected.
 Streaming means: statistics bytes identical at every size and RSS growth that does not grow with tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,11 +81,20 @@ def child(method: str, n_batches: int, quick: bool) -> dict:
     tokens_seen = min((s.tokens for s in stats.values()), default=0)
     d_in_sum = sum(model.get_submodule(p).in_features for p in lf.target_paths(model, C.LLAMA_TARGETS_RE))
     return {
-        "method": method, "batches": n_batches, "tokens": n_batches * B * T, "tokens_seen": int(tokens_seen),
-        "rss_base": rss.baseline, "rss_growth": rss.growth, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "stats_bytes": sb, "n_stats": n_stats, "seconds": seconds,
+        "method": method,
+        "batches": n_batches,
+        "tokens": n_batches * B * T,
+        "tokens_seen": int(tokens_seen),
+        "rss_base": rss.baseline,
+        "rss_growth": rss.growth,
+        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stats_bytes": sb,
+        "n_stats": n_stats,
+        "seconds": seconds,
         "pooled_bytes": n_batches * B * T * d_in_sum * 4,  # what keeping every layer's fp32 inputs would take
-        "model": C.model_desc(model), "B": B, "T": T,
+        "model": C.model_desc(model),
+        "B": B,
+        "T": T,
     }
 
 
@@ -92,9 +102,13 @@ def main():
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--child", nargs=2, metavar=("METHOD", "BATCHES"), help=argparse_hidden())
     p.add_argument("--unit", type=int, default=None, help="batches at 1x (default 1)")
-    p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
-                   help="fixed: children run with MALLOC_MMAP_THRESHOLD_=131072 so freed tensor memory returns to the OS "
-                        "and RSS follows live memory; default: glibc's dynamic threshold (RSS also shows heap retention)")
+    p.add_argument(
+        "--malloc",
+        choices=["fixed", "default"],
+        default="fixed",
+        help="fixed: children run with MALLOC_MMAP_THRESHOLD_=131072 so freed tensor memory returns to the OS "
+        "and RSS follows live memory; default: glibc's dynamic threshold (RSS also shows heap retention)",
+    )
     args = C.finish_args(p.parse_args(), default_repeats=1, quick_repeats=1)
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.quick)), flush=True)
@@ -122,27 +136,52 @@ def main():
             res["mult"] = mult
             rows.append(res)
 
-    tab = C.Table(["method", "size", "batches", "tokens", "tokens streamed", "stat objects", "statistics bytes",
-                   "RSS growth", "peak RSS (ru_maxrss)", "pooling inputs would need", "seconds"])
+    tab = C.Table(
+        [
+            "method",
+            "size",
+            "batches",
+            "tokens",
+            "tokens streamed",
+            "stat objects",
+            "statistics bytes",
+            "RSS growth",
+            "peak RSS (ru_maxrss)",
+            "pooling inputs would need",
+            "seconds",
+        ]
+    )
     verdicts = []
     for r in rows:
-        tab.add(r["method"], f"{r['mult']}x", r["batches"], r["tokens"], r["tokens_seen"], r["n_stats"],
-                C.fmt_bytes(r["stats_bytes"]), C.fmt_bytes(r["rss_growth"]), C.fmt_bytes(r["maxrss"]),
-                C.fmt_bytes(r["pooled_bytes"]), f"{r['seconds']:.1f}")
+        tab.add(
+            r["method"],
+            f"{r['mult']}x",
+            r["batches"],
+            r["tokens"],
+            r["tokens_seen"],
+            r["n_stats"],
+            C.fmt_bytes(r["stats_bytes"]),
+            C.fmt_bytes(r["rss_growth"]),
+            C.fmt_bytes(r["maxrss"]),
+            C.fmt_bytes(r["pooled_bytes"]),
+            f"{r['seconds']:.1f}",
+        )
     for method in METHODS:
         rs = [r for r in rows if r["method"] == method]
         lo, hi = rs[0], rs[-1]
         same_stats = len({r["stats_bytes"] for r in rs}) == 1
         slack = max(0.10 * lo["rss_growth"], 16 * 2**20)
         flat_rss = hi["rss_growth"] <= lo["rss_growth"] + slack
-        verdicts.append(f"{method}: statistics bytes {'identical' if same_stats else 'DIFFER'} at every size "
-                        f"({'pass' if same_stats else 'MISS'}); RSS growth {C.fmt_bytes(lo['rss_growth'])} at {lo['mult']}x vs "
-                        f"{C.fmt_bytes(hi['rss_growth'])} at {hi['mult']}x ({'pass' if flat_rss else 'MISS'}: flat = within "
-                        f"max(10%, 16 MiB) of the 1x growth)")
+        verdicts.append(
+            f"{method}: statistics bytes {'identical' if same_stats else 'DIFFER'} at every size "
+            f"({'pass' if same_stats else 'MISS'}); RSS growth {C.fmt_bytes(lo['rss_growth'])} at {lo['mult']}x vs "
+            f"{C.fmt_bytes(hi['rss_growth'])} at {hi['mult']}x ({'pass' if flat_rss else 'MISS'}: flat = within "
+            f"max(10%, 16 MiB) of the 1x growth)"
+        )
     tab.print("Calibration memory")
     print("\n".join(verdicts))
     body = f"""
-Model: {rows[0]['model']}. Calibration batches of {rows[0]['B']}×{rows[0]['T']} tokens, generated lazily;
+Model: {rows[0]["model"]}. Calibration batches of {rows[0]["B"]}×{rows[0]["T"]} tokens, generated lazily;
 targets: every linear layer of the blocks. EVA r=8 (rho=2, tau=1.0 so no early stop: every size streams
 all its tokens); AntiPaSTO r=8, block size 4, select="data". Each row is a fresh subprocess.
 
@@ -160,7 +199,7 @@ all its tokens); AntiPaSTO r=8, block size 4, select="data". Each row is a fresh
 
 {tab.markdown()}
 
-{chr(10).join('- ' + v for v in verdicts)}
+{chr(10).join("- " + v for v in verdicts)}
 """
     png = None
     if args.write:

@@ -8,6 +8,7 @@ break would raise, so a finished run shows the call has none); its backward is c
 AOTAutograd. AdamW's step runs eagerly in both (foreach implementation). Compile time is reported
 separately: the first compiled step's time minus the median compiled step.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,6 +57,7 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.detach()
+
         step.params = params
         return step
 
@@ -65,7 +67,9 @@ def main():
     first_loss = compiled()
     first = time.perf_counter() - t0
     eager_first = eager()
-    print(f"  first compiled step {first:.1f}s; loss compiled {float(first_loss):.6f} vs eager {float(eager_first):.6f}", flush=True)
+    print(
+        f"  first compiled step {first:.1f}s; loss compiled {float(first_loss):.6f} vs eager {float(eager_first):.6f}", flush=True
+    )
     # parity after a few identical steps (same init, same data, same optimizer)
     for _ in range(2):
         compiled(), eager()
@@ -77,9 +81,26 @@ def main():
     compile_s = first - m["compiled"]
     breakeven = compile_s / max(m["eager"] - m["compiled"], 1e-9) if m["compiled"] < m["eager"] else float("inf")
 
-    tab = C.Table(["attn", "eager ms", "compiled ms", "speed-up eager/compiled", "compile time s", "steps to amortise", "max abs param diff after 3 steps"])
-    tab.add(args.attn, C.ms(m["eager"]), C.ms(m["compiled"]), C.ratio(m["eager"] / m["compiled"]), f"{compile_s:.1f}",
-            f"{breakeven:.0f}" if breakeven != float("inf") else "never", f"{parity:.1e}")
+    tab = C.Table(
+        [
+            "attn",
+            "eager ms",
+            "compiled ms",
+            "speed-up eager/compiled",
+            "compile time s",
+            "steps to amortise",
+            "max abs param diff after 3 steps",
+        ]
+    )
+    tab.add(
+        args.attn,
+        C.ms(m["eager"]),
+        C.ms(m["compiled"]),
+        C.ratio(m["eager"] / m["compiled"]),
+        f"{compile_s:.1f}",
+        f"{breakeven:.0f}" if breakeven != float("inf") else "never",
+        f"{parity:.1e}",
+    )
     tab.print("LoRA train step: torch.compile vs eager")
     body = f"""
 Model: {C.model_desc(model)}, attn={args.attn}; LoRA r={r}, alpha={2 * r} on every linear layer of the

@@ -10,6 +10,7 @@ with eager attention. Each of K adapters generates greedily from its own prompt 
 adapter); LoRA r=8 on q/v/o/down, perturbed so that adapters differ. Throughput is new tokens per
 second of process CPU time (all threads); the tokens of every contender are checked equal.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,13 @@ PEFT_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 def perturbed(params, seed):
     g = torch.Generator().manual_seed(seed)
-    return {p: {n: {k: (v + 0.02 * torch.randn(v.shape, generator=g)).detach().requires_grad_(v.requires_grad)
-                    for k, v in lv.items()} for n, lv in bv.items()} for p, bv in params.items()}
+    return {
+        p: {
+            n: {k: (v + 0.02 * torch.randn(v.shape, generator=g)).detach().requires_grad_(v.requires_grad) for k, v in lv.items()}
+            for n, lv in bv.items()
+        }
+        for p, bv in params.items()
+    }
 
 
 def bench_model(name, model, prompt_len, new_tokens, Ks, args, tab, steer_tab):
@@ -49,7 +55,9 @@ def bench_model(name, model, prompt_len, new_tokens, Ks, args, tab, steer_tab):
             with torch.no_grad(), lf.applied(model, stacked, route=route):
                 return model.generate(ids, attention_mask=mask, **gen)
 
-        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_TARGETS), adapter_name="a0")
+        pm = peft.get_peft_model(
+            copy.deepcopy(model), peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_TARGETS), adapter_name="a0"
+        )
         for k in range(1, K):
             pm.add_adapter(f"a{k}", peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_TARGETS))
         with torch.no_grad():
@@ -70,7 +78,7 @@ def bench_model(name, model, prompt_len, new_tokens, Ks, args, tab, steer_tab):
             with torch.no_grad():
                 for k in range(K):
                     pm.set_adapter(f"a{k}")
-                    rows.append(pm.generate(input_ids=ids[k:k + 1], attention_mask=mask[k:k + 1], **gen)[0])
+                    rows.append(pm.generate(input_ids=ids[k : k + 1], attention_mask=mask[k : k + 1], **gen)[0])
             return torch.stack(rows)
 
         out = lite()
@@ -80,10 +88,15 @@ def bench_model(name, model, prompt_len, new_tokens, Ks, args, tab, steer_tab):
             fns["peft set_adapter loop"] = peft_loop
         t = C.interleaved(fns, args.repeats, clock=time.process_time)
         tps = {n: K * new_tokens / t[n].median for n in fns}
-        tab.add(name, K, f"{tps['lite_fn routed']:.0f}", f"{tps['peft adapter_names']:.0f}",
-                f"{tps['peft set_adapter loop']:.0f}" if "peft set_adapter loop" in tps else "—",
-                C.ratio(tps["lite_fn routed"] / tps["peft adapter_names"]),
-                C.ratio(tps["lite_fn routed"] / tps["peft set_adapter loop"]) if "peft set_adapter loop" in tps else "—")
+        tab.add(
+            name,
+            K,
+            f"{tps['lite_fn routed']:.0f}",
+            f"{tps['peft adapter_names']:.0f}",
+            f"{tps['peft set_adapter loop']:.0f}" if "peft set_adapter loop" in tps else "—",
+            C.ratio(tps["lite_fn routed"] / tps["peft adapter_names"]),
+            C.ratio(tps["lite_fn routed"] / tps["peft set_adapter loop"]) if "peft set_adapter loop" in tps else "—",
+        )
     # steering: 9 alphas, one row each, in one generate vs 9 sequential generates
     steer = perturbed(lf.init(0, model, lf.AntiPaSTOConfig(r=16, block_size=4), targets=r"(o_proj|down_proj)$"), 9)
     alphas = torch.linspace(-1, 1, 9).tolist()
@@ -104,14 +117,25 @@ def bench_model(name, model, prompt_len, new_tokens, Ks, args, tab, steer_tab):
         return torch.stack(rows)
 
     assert torch.equal(batched(), sequential())
+
     def base():
         with torch.no_grad():
             return model.generate(nine, attention_mask=torch.ones_like(nine), **gen)
-    t = C.interleaved({"9 alphas, one generate": batched, "9 sequential generates": sequential, "base, 9 rows": base},
-                      args.repeats, clock=time.process_time)
+
+    t = C.interleaved(
+        {"9 alphas, one generate": batched, "9 sequential generates": sequential, "base, 9 rows": base},
+        args.repeats,
+        clock=time.process_time,
+    )
     m = {n: t[n].median for n in t}
-    steer_tab.add(name, C.ms(m["base, 9 rows"]), C.ms(m["9 alphas, one generate"]), C.ms(m["9 sequential generates"]),
-                  C.ratio(m["9 alphas, one generate"] / m["base, 9 rows"]), C.ratio(m["9 sequential generates"] / m["9 alphas, one generate"]))
+    steer_tab.add(
+        name,
+        C.ms(m["base, 9 rows"]),
+        C.ms(m["9 alphas, one generate"]),
+        C.ms(m["9 sequential generates"]),
+        C.ratio(m["9 alphas, one generate"] / m["base, 9 rows"]),
+        C.ratio(m["9 sequential generates"] / m["9 alphas, one generate"]),
+    )
 
 
 def main():
@@ -120,10 +144,27 @@ def main():
     args = C.finish_args(p.parse_args(), default_repeats=3, quick_repeats=1)
     C.banner("bench_generate", args)
     warnings.filterwarnings("ignore")
-    tab = C.Table(["model", "K", "lite_fn routed tok/s", "peft adapter_names tok/s", "peft set_adapter loop tok/s",
-                   "lite_fn / peft mixed", "lite_fn / peft loop"])
-    steer_tab = C.Table(["model", "base 9 rows (ms)", "9 alphas in one generate (ms)", "9 sequential (ms)",
-                         "one generate / base", "sequential / one generate"])
+    tab = C.Table(
+        [
+            "model",
+            "K",
+            "lite_fn routed tok/s",
+            "peft adapter_names tok/s",
+            "peft set_adapter loop tok/s",
+            "lite_fn / peft mixed",
+            "lite_fn / peft loop",
+        ]
+    )
+    steer_tab = C.Table(
+        [
+            "model",
+            "base 9 rows (ms)",
+            "9 alphas in one generate (ms)",
+            "9 sequential (ms)",
+            "one generate / base",
+            "sequential / one generate",
+        ]
+    )
     new_tokens = 8 if args.quick else 16
     small = C.llama(hidden=128 if args.quick else 256, layers=2 if args.quick else 4, attn="eager")
     bench_model("benchmark Llama", small, 16, new_tokens, [4] if args.quick else [4, 16], args, tab, steer_tab)
@@ -134,9 +175,11 @@ def main():
         bench_model("SmolLM2-135M-Instruct", model, 16, new_tokens, [4, 16], args, tab, steer_tab)
     tab.print("K adapters, one row each, greedy generate (new tokens per CPU second)")
     steer_tab.print("AntiPaSTO alpha sweep generate (CPU time, medians)")
-    body = (f"Greedy generation of {new_tokens} new tokens from {16}-token prompts, one row per adapter; LoRA r=8 on "
-            f"q/v/o/down_proj; AntiPaSTO r=16 on o/down_proj; eager attention; {args.repeats} interleaved repeats; "
-            f"process CPU time. Every contender's tokens are checked equal.\n\n" + tab.markdown() + "\n\n" + steer_tab.markdown())
+    body = (
+        f"Greedy generation of {new_tokens} new tokens from {16}-token prompts, one row per adapter; LoRA r=8 on "
+        f"q/v/o/down_proj; AntiPaSTO r=16 on o/down_proj; eager attention; {args.repeats} interleaved repeats; "
+        f"process CPU time. Every contender's tokens are checked equal.\n\n" + tab.markdown() + "\n\n" + steer_tab.markdown()
+    )
     C.write_section("bench_generate", "Generation with adapters (bench_generate.py)", body, args)
 
 

@@ -12,6 +12,7 @@ Every adapter sees its own B×T tokens, so every contender does the same work as
   peft loop   for k: peft_model.set_adapter(k); peft_model(x_k)
 Then DoRA, HRA and AntiPaSTO with lite_fn only (peft cannot mix those in a batch; checked at run time).
 """
+
 from __future__ import annotations
 
 import copy
@@ -127,8 +128,12 @@ def main():
     p.add_argument("--attn", nargs="*", default=["sdpa", "eager"], help="attention implementations to measure")
     p.add_argument("--variants", nargs="*", default=["dora", "hra", "antipasto"], help="lite_fn-only variant rows")
     p.add_argument("--variant-ks", type=int, nargs="*", default=None, help="adapter counts for the variant rows (default 4 64)")
-    p.add_argument("--loop-max-k", type=int, default=16,
-                   help="time peft's set_adapter loop only up to this K (it is K sequential forwards; default 16)")
+    p.add_argument(
+        "--loop-max-k",
+        type=int,
+        default=16,
+        help="time peft's set_adapter loop only up to this K (it is K sequential forwards; default 16)",
+    )
     args = C.finish_args(p.parse_args(), default_repeats=5)
     Ks = args.ks or ([1, 4] if args.quick else [1, 4, 16, 64])
     vKs = args.variant_ks or ([4] if args.quick else [4, 64])
@@ -139,12 +144,30 @@ def main():
     warnings.filterwarnings("ignore", message=".*batching rule.*")  # SDPA under vmap: measured, reported below
     warnings.filterwarnings("ignore", message=".*adapter.*")  # peft chatter about adding many adapters
 
-    main_tab = C.Table(["attn", "K", "tokens", "limit ms", "lite vmap ms", "lite route ms", "peft mixed ms", "peft loop ms",
-                        "vmap/limit", "route/limit", "peft mixed/limit", "peft mixed/lite best", "peft loop/lite best",
-                        "1 adapter/limit"])
-    goal_tab = C.Table(["attn", "K", "lite contender", "lite/limit <= 1.10", "peft mixed/lite >= goal",
-                        "speed goal needs lite/limit <="])
-    var_tab = C.Table(["variant", "attn", "K", "limit ms", "lite vmap ms", "lite route ms", "vmap/limit", "route/limit", "peft mixed batch"])
+    main_tab = C.Table(
+        [
+            "attn",
+            "K",
+            "tokens",
+            "limit ms",
+            "lite vmap ms",
+            "lite route ms",
+            "peft mixed ms",
+            "peft loop ms",
+            "vmap/limit",
+            "route/limit",
+            "peft mixed/limit",
+            "peft mixed/lite best",
+            "peft loop/lite best",
+            "1 adapter/limit",
+        ]
+    )
+    goal_tab = C.Table(
+        ["attn", "K", "lite contender", "lite/limit <= 1.10", "peft mixed/lite >= goal", "speed goal needs lite/limit <="]
+    )
+    var_tab = C.Table(
+        ["variant", "attn", "K", "limit ms", "lite vmap ms", "lite route ms", "vmap/limit", "route/limit", "peft mixed batch"]
+    )
     checks = []
     plot = {}  # (attn, contender) -> [(K, ratio to limit)]
     Kmax = max(Ks + vKs)
@@ -155,32 +178,40 @@ def main():
         vocab, desc = base.config.vocab_size, C.model_desc(base)
         print(f"\n[{attn}] {desc}; LoRA r={r} on {', '.join(C.LLAMA_TARGETS)}", flush=True)
         if lite_all is None:  # same weights for every attn (same seed): init once
-            lite_all = [randomize(lf.init(k, base, lf.LoRAConfig(r=r, alpha=16), targets=C.LLAMA_TARGETS_RE), "B", seed=k)
-                        for k in range(Kmax)]
+            lite_all = [
+                randomize(lf.init(k, base, lf.LoRAConfig(r=r, alpha=16), targets=C.LLAMA_TARGETS_RE), "B", seed=k)
+                for k in range(Kmax)
+            ]
         pm = peft_lora(base, lite_all, r, 16)
 
         # correctness: all contenders compute the same logits (same adapter weights, nonzero B)
         Kc = min(4, Kmax)
         x_all, idx = make_inputs(Kc, B, T, vocab)
         with torch.no_grad():
-            outs = {**{n: f() for n, f in lite_contenders(base, lf.stack(lite_all[:Kc]), x_all, idx, Kc, B, T).items()},
-                    **{n: f() for n, f in peft_contenders(pm, x_all, Kc, B).items()}}
+            outs = {
+                **{n: f() for n, f in lite_contenders(base, lf.stack(lite_all[:Kc]), x_all, idx, Kc, B, T).items()},
+                **{n: f() for n, f in peft_contenders(pm, x_all, Kc, B).items()},
+            }
             plain = base(x_all).logits
         ref = outs["peft loop"].reshape(Kc * B, T, -1)
         diff = max(float((o.reshape(ref.shape) - ref).abs().max()) for o in outs.values())
         effect = float((ref - plain).abs().max())
-        checks.append(f"{attn}: K={Kc}, max |logits − peft loop| over all contenders = {diff:.1e} "
-                      f"(the adapters move the logits by up to {effect:.1e})")
+        checks.append(
+            f"{attn}: K={Kc}, max |logits − peft loop| over all contenders = {diff:.1e} "
+            f"(the adapters move the logits by up to {effect:.1e})"
+        )
         print("  check:", checks[-1], flush=True)
 
         for K in Ks:
             x_all, idx = make_inputs(K, B, T, vocab)
             stacked = lf.stack(lite_all[:K])
             one = lite_all[0]
-            fns = {"limit": lambda: base(x_all).logits,
-                   **lite_contenders(base, stacked, x_all, idx, K, B, T),
-                   **peft_contenders(pm, x_all, K, B, loop=args.loop_max_k >= K),
-                   "lite 1 adapter": lambda: lf.call(base, one, x_all).logits}
+            fns = {
+                "limit": lambda: base(x_all).logits,
+                **lite_contenders(base, stacked, x_all, idx, K, B, T),
+                **peft_contenders(pm, x_all, K, B, loop=args.loop_max_k >= K),
+                "lite 1 adapter": lambda: lf.call(base, one, x_all).logits,
+            }
             print(f"  K={K} ({K * B * T} tokens)", flush=True)
             with torch.no_grad():
                 t = C.interleaved(fns, args.repeats)
@@ -188,38 +219,64 @@ def main():
             best = min(m[n] for n in LITE)
             loop_ms = C.ms(m["peft loop"]) if "peft loop" in m else "not run"
             loop_ratio = C.ratio(m["peft loop"] / best) if "peft loop" in m else f"(K > {args.loop_max_k})"
-            main_tab.add(attn, K, K * B * T, C.ms(m["limit"]), C.ms(m["lite vmap"]), C.ms(m["lite route"]), C.ms(m["peft mixed"]),
-                         loop_ms, C.ratio(m["lite vmap"] / m["limit"]), C.ratio(m["lite route"] / m["limit"]),
-                         C.ratio(m["peft mixed"] / m["limit"]), C.ratio(m["peft mixed"] / best), loop_ratio,
-                         C.ratio(m["lite 1 adapter"] / m["limit"]))
+            main_tab.add(
+                attn,
+                K,
+                K * B * T,
+                C.ms(m["limit"]),
+                C.ms(m["lite vmap"]),
+                C.ms(m["lite route"]),
+                C.ms(m["peft mixed"]),
+                loop_ms,
+                C.ratio(m["lite vmap"] / m["limit"]),
+                C.ratio(m["lite route"] / m["limit"]),
+                C.ratio(m["peft mixed"] / m["limit"]),
+                C.ratio(m["peft mixed"] / best),
+                loop_ratio,
+                C.ratio(m["lite 1 adapter"] / m["limit"]),
+            )
             for n in fns:
                 if n not in ("limit", "lite 1 adapter"):
                     plot.setdefault((attn, n), []).append((K, m[n] / m["limit"]))
             for n in LITE:
                 speed = m["peft mixed"] / m[n]
                 target = {16: 1.6, 64: 2.7}.get(K)
-                goal_tab.add(attn, K, n, C.goal(m[n] / m["limit"], "<=", 1.10),
-                             C.goal(speed, ">=", target) if target else f"— ({speed:.2f}x; goal only at K=16, 64)",
-                             f"{m['peft mixed'] / m['limit'] / target:.2f}x" if target else "—")
+                goal_tab.add(
+                    attn,
+                    K,
+                    n,
+                    C.goal(m[n] / m["limit"], "<=", 1.10),
+                    C.goal(speed, ">=", target) if target else f"— ({speed:.2f}x; goal only at K=16, 64)",
+                    f"{m['peft mixed'] / m['limit'] / target:.2f}x" if target else "—",
+                )
         del pm
 
         for kind in args.variants:
             status = peft_mixed_status(base, kind)
             if kind not in var_params:  # same weights for every attn (same seed): init once
-                cfg = {"dora": lf.DoRAConfig(r=r, alpha=16), "hra": lf.HRAConfig(r=r),
-                       "antipasto": lf.AntiPaSTOConfig(r=r, block_size=4)}[kind]
+                cfg = {
+                    "dora": lf.DoRAConfig(r=r, alpha=16),
+                    "hra": lf.HRAConfig(r=r),
+                    "antipasto": lf.AntiPaSTOConfig(r=r, block_size=4),
+                }[kind]
                 var_params[kind] = [lf.init(k, base, cfg, targets=C.LLAMA_TARGETS_RE) for k in range(Kmax)]
             params = var_params[kind]
             for K in vKs:
                 x_all, idx = make_inputs(K, B, T, vocab)
-                fns = {"limit": lambda: base(x_all).logits,
-                       **lite_contenders(base, lf.stack(params[:K]), x_all, idx, K, B, T)}
+                fns = {"limit": lambda: base(x_all).logits, **lite_contenders(base, lf.stack(params[:K]), x_all, idx, K, B, T)}
                 print(f"  {kind} K={K}", flush=True)
                 with torch.no_grad():
                     t = C.interleaved(fns, args.repeats)
                 m = {n: t[n].median for n in fns}
-                var_tab.add(kind, attn, K, *(C.ms(m[n]) for n in fns),
-                            C.ratio(m["lite vmap"] / m["limit"]), C.ratio(m["lite route"] / m["limit"]), status)
+                var_tab.add(
+                    kind,
+                    attn,
+                    K,
+                    *(C.ms(m[n]) for n in fns),
+                    C.ratio(m["lite vmap"] / m["limit"]),
+                    C.ratio(m["lite route"] / m["limit"]),
+                    status,
+                )
                 for n in LITE:
                     plot.setdefault((attn, f"{kind} {n}"), []).append((K, m[n] / m["limit"]))
 
@@ -230,7 +287,7 @@ def main():
 
     body = f"""
 Model: {desc}. LoRA r={r}, alpha=16 on every linear
-layer of the blocks ({', '.join(C.LLAMA_TARGETS)}; not lm_head). Each adapter has its own
+layer of the blocks ({", ".join(C.LLAMA_TARGETS)}; not lm_head). Each adapter has its own
 B={B} × T={T} tokens; forward only (no_grad), full logits. Median of {args.repeats} interleaved repeats.
 The limit is `model(x_all)` on all K·B rows without adapters. `attn` is the attention implementation
 (the same for every contender of a row); "lite best" is the faster of the two lite_fn contenders.
@@ -258,12 +315,12 @@ model at all could meet it.
 
 ### DoRA, HRA, AntiPaSTO (lite_fn only, K in {vKs})
 
-peft's mixed-batch column is what peft {C.machine_info()['peft']} actually did when called with `adapter_names=`
+peft's mixed-batch column is what peft {C.machine_info()["peft"]} actually did when called with `adapter_names=`
 on two adapters of that type (checked in this run, not assumed).
 
 {var_tab.markdown()}
 
-Correctness check (same adapter weights, nonzero B): {'; '.join(checks)}.
+Correctness check (same adapter weights, nonzero B): {"; ".join(checks)}.
 """
     png = None
     if args.write:

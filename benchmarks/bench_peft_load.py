@@ -19,6 +19,7 @@ made before the timed region (lite_fn never modifies the model and needs none). 
 CPU time (``time.process_time``, all threads), medians of interleaved repeats; all contenders
 compute the same logits (checked).
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,7 +87,7 @@ def peft_contenders(copies, dirs, x_all):
         outs = []
         for k, name in enumerate(names):
             pm.set_adapter(name)
-            outs.append(pm(x_all[k:k + 1]).logits)
+            outs.append(pm(x_all[k : k + 1]).logits)
         return torch.cat(outs)
 
     return {"peft mixed": lambda: loaded()(x_all, adapter_names=names).logits, "peft loop": loop}
@@ -105,8 +106,20 @@ def main():
 
     base = C.llama(hidden=hidden, layers=layers, attn=args.attn).requires_grad_(False)
     desc = C.model_desc(base)
-    tab = C.Table(["K", "tokens", "lite route ms", "lite vmap ms", "peft mixed ms", "peft loop ms", "lite load ms",
-                   "peft load ms", "peft mixed/lite best", "peft loop/lite best"])
+    tab = C.Table(
+        [
+            "K",
+            "tokens",
+            "lite route ms",
+            "lite vmap ms",
+            "peft mixed ms",
+            "peft loop ms",
+            "lite load ms",
+            "peft load ms",
+            "peft mixed/lite best",
+            "peft loop/lite best",
+        ]
+    )
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
         all_dirs = write_adapters(base, max(Ks), Path(tmp))
@@ -128,13 +141,23 @@ def main():
             # the loading part alone: how much of each contender is reading the directories
             lite_load, peft_load = _load_times(base, dirs, args.repeats)
             best = min(m["lite route"], m["lite vmap"])
-            tab.add(K, K * T, C.ms(m["lite route"]), C.ms(m["lite vmap"]), C.ms(m["peft mixed"]), C.ms(m["peft loop"]),
-                    C.ms(lite_load), C.ms(peft_load), C.ratio(m["peft mixed"] / best), C.ratio(m["peft loop"] / best))
+            tab.add(
+                K,
+                K * T,
+                C.ms(m["lite route"]),
+                C.ms(m["lite vmap"]),
+                C.ms(m["peft mixed"]),
+                C.ms(m["peft loop"]),
+                C.ms(lite_load),
+                C.ms(peft_load),
+                C.ratio(m["peft mixed"] / best),
+                C.ratio(m["peft loop"] / best),
+            )
     tab.print("K peft adapters from disk, evaluated at once (median CPU ms, load included)")
     print("\n" + "\n".join(checks))
     body = f"""
-Model: {desc}; attention `{args.attn}`. K peft LoRA adapters (ranks {'/'.join(map(str, RANKS))} and target sets
-{', '.join('+'.join(s) for s in TARGET_SETS)}, cycled; alpha = 2r; B ≠ 0) written by peft's `save_pretrained`;
+Model: {desc}; attention `{args.attn}`. K peft LoRA adapters (ranks {"/".join(map(str, RANKS))} and target sets
+{", ".join("+".join(s) for s in TARGET_SETS)}, cycled; alpha = 2r; B ≠ 0) written by peft's `save_pretrained`;
 one request of T={T} tokens per adapter. Every contender starts from the directories on disk and an
 unadapted model and ends with all K rows' logits (forward only, no_grad): lite_fn loads each with
 `lf.load_peft`, pads and stacks them (`lf.stack(..., pad=True)`) and runs one routed (`route=`) or vmapped
@@ -146,7 +169,7 @@ copy of the base made outside the timed region. Process CPU time (`time.process_
 
 {tab.markdown()}
 
-Correctness: {'; '.join(checks)}.
+Correctness: {"; ".join(checks)}.
 """
     C.write_section("bench_peft_load", "peft adapters from disk, evaluated at once (bench_peft_load.py)", body, args)
 

@@ -11,6 +11,7 @@ kernel passes no gradient). Time: process CPU time, medians of interleaved repea
 bytes torch's CPU allocator has live during one step, above what was live before it (the 4-bit
 weights themselves are not counted; their size is reported separately).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -54,6 +55,7 @@ def main():
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return step
 
     pm = peft.get_peft_model(q_peft, peft.LoraConfig(r=8, lora_alpha=16, target_modules=C.LLAMA_TARGETS))
@@ -68,20 +70,30 @@ def main():
     fns = {"lite_fn fp32 base": lite_step(dense), "lite_fn 4-bit base": lite_step(q_lite), "peft QLoRA (4-bit)": peft_step}
     times = C.interleaved(fns, args.repeats, clock=time.process_time)
     mem = {n: C.peak_step_bytes(f) for n, f in fns.items()}
-    weight_bytes = {"fp32": sum(t.numel() * t.element_size() for t in dense.parameters()),
-                    "4-bit": sum(t.numel() * t.element_size() for t in q_lite.parameters())}
+    weight_bytes = {
+        "fp32": sum(t.numel() * t.element_size() for t in dense.parameters()),
+        "4-bit": sum(t.numel() * t.element_size() for t in q_lite.parameters()),
+    }
     tab = C.Table(["contender", "step (CPU ms)", "peak step memory", "time / lite_fn 4-bit", "memory / lite_fn 4-bit"])
     ref = "lite_fn 4-bit base"
     for n in fns:
-        tab.add(n, C.ms(times[n].median), C.fmt_bytes(mem[n]), C.ratio(times[n].median / times[ref].median),
-                C.ratio(mem[n] / max(mem[ref], 1)))
+        tab.add(
+            n,
+            C.ms(times[n].median),
+            C.fmt_bytes(mem[n]),
+            C.ratio(times[n].median / times[ref].median),
+            C.ratio(mem[n] / max(mem[ref], 1)),
+        )
     tab.print("LoRA train step on a 4-bit base (CPU time, medians)")
-    body = (f"{C.model_desc(dense)}, eager attention; LoRA r=8 on all seven block linears; batch {B}×{T} tokens; "
-            f"{args.repeats} interleaved repeats; process CPU time. Stored weights: fp32 {C.fmt_bytes(weight_bytes['fp32'])}, "
-            f"4-bit {C.fmt_bytes(weight_bytes['4-bit'])} (embeddings and head stay fp32).\n\n" + tab.markdown() +
-            f"\n\nlite_fn on the 4-bit base vs peft QLoRA: {times['peft QLoRA (4-bit)'].median / times[ref].median:.2f}x faster "
-            f"(peft/lite_fn time). On CPU the 4-bit kernel dequantizes per call, so the 4-bit base is slower than fp32 "
-            f"here; its gain is the weight memory.")
+    body = (
+        f"{C.model_desc(dense)}, eager attention; LoRA r=8 on all seven block linears; batch {B}×{T} tokens; "
+        f"{args.repeats} interleaved repeats; process CPU time. Stored weights: fp32 {C.fmt_bytes(weight_bytes['fp32'])}, "
+        f"4-bit {C.fmt_bytes(weight_bytes['4-bit'])} (embeddings and head stay fp32).\n\n"
+        + tab.markdown()
+        + f"\n\nlite_fn on the 4-bit base vs peft QLoRA: {times['peft QLoRA (4-bit)'].median / times[ref].median:.2f}x faster "
+        f"(peft/lite_fn time). On CPU the 4-bit kernel dequantizes per call, so the 4-bit base is slower than fp32 "
+        f"here; its gain is the weight memory."
+    )
     C.write_section("bench_qlora", "QLoRA train step (bench_qlora.py)", body, args)
 
 

@@ -1,12 +1,13 @@
 """AntiPaSTO steering sweep: 9 alphas in one vmapped call vs 9 sequential calls vs the limit.
 
-    .venv/bin/python benchmarks/bench_steering.py            # the recorded setting
-    .venv/bin/python benchmarks/bench_steering.py --quick    # smoke run, prints only
+  .venv/bin/python benchmarks/bench_steering.py            # the recorded setting
+  .venv/bin/python benchmarks/bench_steering.py --quick    # smoke run, prints only
 
-  vmapped     vmap(lambda a: lf.call(model, lf.with_alpha(p, a), x))(alphas)
-  sequential  [lf.call(model, lf.with_alpha(p, a), x) for a in alphas]
-  limit       model(x repeated 9 times)      the base model at 9x the batch, no adapters
+vmapped     vmap(lambda a: lf.call(model, lf.with_alpha(p, a), x))(alphas)
+sequential  [lf.call(model, lf.with_alpha(p, a), x) for a in alphas]
+limit       model(x repeated 9 times)      the base model at 9x the batch, no adapters
 """
+
 from __future__ import annotations
 
 import warnings
@@ -29,8 +30,19 @@ def main():
     warnings.filterwarnings("ignore", message=".*batching rule.*")
 
     alphas = torch.linspace(-2.0, 2.0, n_alpha)
-    tab = C.Table(["attn", "tokens/alpha", "limit ms", "vmapped ms", "sequential ms", "vmapped/limit", "sequential/limit",
-                   "sequential/vmapped", "goal vmapped/limit <= 1.15"])
+    tab = C.Table(
+        [
+            "attn",
+            "tokens/alpha",
+            "limit ms",
+            "vmapped ms",
+            "sequential ms",
+            "vmapped/limit",
+            "sequential/limit",
+            "sequential/vmapped",
+            "goal vmapped/limit <= 1.15",
+        ]
+    )
     checks, bars = [], {}
     params = None
     for attn in args.attn:
@@ -52,15 +64,23 @@ def main():
             print("  check:", checks[-1], flush=True)
             t = C.interleaved(fns, args.repeats)
         m = {n: t[n].median for n in fns}
-        tab.add(attn, B * T, C.ms(m["limit"]), C.ms(m["vmapped"]), C.ms(m["sequential"]),
-                C.ratio(m["vmapped"] / m["limit"]), C.ratio(m["sequential"] / m["limit"]),
-                C.ratio(m["sequential"] / m["vmapped"]), C.goal(m["vmapped"] / m["limit"], "<=", 1.15))
+        tab.add(
+            attn,
+            B * T,
+            C.ms(m["limit"]),
+            C.ms(m["vmapped"]),
+            C.ms(m["sequential"]),
+            C.ratio(m["vmapped"] / m["limit"]),
+            C.ratio(m["sequential"] / m["limit"]),
+            C.ratio(m["sequential"] / m["vmapped"]),
+            C.goal(m["vmapped"] / m["limit"], "<=", 1.15),
+        )
         bars[attn] = {n: m[n] / m["limit"] for n in ("vmapped", "sequential")}
 
     tab.print(f"AntiPaSTO, {n_alpha} alphas (median ms)")
     body = f"""
 Model: {desc}. AntiPaSTO r={r}, block size {bs} (input-basis rotation, top-r singular dims) on every
-linear layer of the blocks ({', '.join(C.LLAMA_TARGETS)}). {n_alpha} alphas in [-2, 2]; each alpha
+linear layer of the blocks ({", ".join(C.LLAMA_TARGETS)}). {n_alpha} alphas in [-2, 2]; each alpha
 sees the same {B}×{T} tokens; forward only (no_grad), full logits. The limit is the base model on the
 {n_alpha}× repeated batch. Median of {args.repeats} interleaved repeats. Under vmap the input is shared,
 so the first projections of x (before any adapter output mixes in) are computed once, not {n_alpha} times.
@@ -68,7 +88,7 @@ SDPA attention has no vmap batching rule on CPU (torch falls back to a loop for 
 
 {tab.markdown()}
 
-Check: {'; '.join(checks)}.
+Check: {"; ".join(checks)}.
 """
     png = None
     if args.write:

@@ -14,6 +14,7 @@ peft trains one adapter per step (set_adapter makes one adapter active and train
 adapters take K steps there. ``lite seq / limit`` bounds what any one-step method can gain over
 K sequential steps: the at-once step still computes every adapter's tokens.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,10 @@ def make_adapters(base, K: int, r: int):
 
 
 def own_copy(params):
-    return {p: {n: {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in lv.items()}
-                for n, lv in bv.items()} for p, bv in params.items()}
+    return {
+        p: {n: {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in lv.items()} for n, lv in bv.items()}
+        for p, bv in params.items()
+    }
 
 
 def at_once_step(base, stacked, x, lr):
@@ -44,6 +47,7 @@ def at_once_step(base, stacked, x, lr):
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
+
     return step
 
 
@@ -56,6 +60,7 @@ def lite_seq_step(base, adapters, x, lr):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
     return step
 
 
@@ -85,6 +90,7 @@ def peft_seq_step(pm, K: int, x, lr):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
     return step
 
 
@@ -96,6 +102,7 @@ def limit_step(base, x):
     def step():
         h = emb(rows).detach().requires_grad_(True)
         base(inputs_embeds=h, labels=rows).loss.backward()
+
     return step
 
 
@@ -105,8 +112,9 @@ def check_equal(base, adapters, x, lr) -> float:
     stacked = lf.stack(adapters)
     at_once_step(base, stacked, x, lr)()
     lite_seq_step(base, separate, x, lr)()
-    return max((s[k] - v).abs().max().item() for k, one in enumerate(separate)
-               for s, v in zip(lf.trainable(stacked), lf.trainable(one)))
+    return max(
+        (s[k] - v).abs().max().item() for k, one in enumerate(separate) for s, v in zip(lf.trainable(stacked), lf.trainable(one))
+    )
 
 
 def main():
@@ -128,9 +136,25 @@ def main():
     vocab = base.config.vocab_size
     print(f"{C.model_desc(base)}; LoRA r={r} on {', '.join(C.LLAMA_TARGETS)}; {B}×{T} tokens per adapter", flush=True)
 
-    tab = C.Table(["K", "tokens", "limit ms", "at once ms", "lite seq ms", "peft seq ms", "lite seq/at once",
-                   "peft seq/at once", "at once/limit", "lite seq/limit", "at once peak", "lite seq peak", "peft seq peak",
-                   "at once/lite seq mem", "goal"])
+    tab = C.Table(
+        [
+            "K",
+            "tokens",
+            "limit ms",
+            "at once ms",
+            "lite seq ms",
+            "peft seq ms",
+            "lite seq/at once",
+            "peft seq/at once",
+            "at once/limit",
+            "lite seq/limit",
+            "at once peak",
+            "lite seq peak",
+            "peft seq peak",
+            "at once/lite seq mem",
+            "goal",
+        ]
+    )
     checks, plot = [], {}
     for K in Ks:
         x = torch.stack([C.tokens(B, T, vocab, seed=1000 * K + k) for k in range(K)])  # (K, B, T)
@@ -138,9 +162,11 @@ def main():
         err = check_equal(base, adapters, x, lr)
         checks.append(f"K={K}: one at-once step vs {K} separate steps, max |Δ leaf| = {err:.1e}")
         print("  check:", checks[-1], flush=True)
-        fns = {"limit": limit_step(base, x),
-               "at once": at_once_step(base, lf.stack(adapters), x, lr),
-               "lite seq": lite_seq_step(base, [own_copy(a) for a in adapters], x, lr)}
+        fns = {
+            "limit": limit_step(base, x),
+            "at once": at_once_step(base, lf.stack(adapters), x, lr),
+            "lite seq": lite_seq_step(base, [own_copy(a) for a in adapters], x, lr),
+        }
         pm = None
         if not args.no_peft:
             pm = peft_model(base, K, r)
@@ -153,9 +179,23 @@ def main():
         peft_ms = C.ms(m["peft seq"]) if pm is not None else "not run"
         peft_ratio = C.ratio(m["peft seq"] / m["at once"]) if pm is not None else "—"
         peft_mem = C.fmt_bytes(mem["peft seq"]) if pm is not None else "—"
-        tab.add(K, K * B * T, C.ms(m["limit"]), C.ms(m["at once"]), C.ms(m["lite seq"]), peft_ms, C.ratio(speed), peft_ratio,
-                C.ratio(m["at once"] / m["limit"]), C.ratio(m["lite seq"] / m["limit"]), C.fmt_bytes(mem["at once"]), C.fmt_bytes(mem["lite seq"]), peft_mem,
-                C.ratio(mem["at once"] / mem["lite seq"]), C.goal(speed, ">=", 5.0) if K == 16 else "")
+        tab.add(
+            K,
+            K * B * T,
+            C.ms(m["limit"]),
+            C.ms(m["at once"]),
+            C.ms(m["lite seq"]),
+            peft_ms,
+            C.ratio(speed),
+            peft_ratio,
+            C.ratio(m["at once"] / m["limit"]),
+            C.ratio(m["lite seq"] / m["limit"]),
+            C.fmt_bytes(mem["at once"]),
+            C.fmt_bytes(mem["lite seq"]),
+            peft_mem,
+            C.ratio(mem["at once"] / mem["lite seq"]),
+            C.goal(speed, ">=", 5.0) if K == 16 else "",
+        )
         plot[K] = {n: m[n] for n in fns if n != "limit"}
         del pm, fns
 
@@ -163,7 +203,7 @@ def main():
     print("\n".join(checks))
     body = f"""
 Model: {C.model_desc(base)}, attn_implementation="eager" (vmap batches it fully; see the SDPA note in
-bench_many_adapters). LoRA r={r} (alpha {2 * r}) on every block linear ({', '.join(C.LLAMA_TARGETS)}); each
+bench_many_adapters). LoRA r={r} (alpha {2 * r}) on every block linear ({", ".join(C.LLAMA_TARGETS)}); each
 adapter trains on its own {B}×{T} tokens with the model's causal-LM loss; AdamW lr {lr}. A row is the cost of
 one optimizer step for each of the K adapters. Median of {args.repeats} interleaved repeats, after one warm-up
 each; times are process CPU time (`time.process_time`, all threads), so other load on the machine counts less.
@@ -183,7 +223,7 @@ each; times are process CPU time (`time.process_time`, all threads), so other lo
 
 {tab.markdown()}
 
-Checks: {'; '.join(checks)}.
+Checks: {"; ".join(checks)}.
 """
     png = None
     if args.write:

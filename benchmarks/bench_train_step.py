@@ -9,6 +9,7 @@ dense d×d rotation every forward and lite_fn applies the r reflections to x.
 Time: median of interleaved repeats. Memory: peak bytes torch's CPU allocator has live during one
 steady-state step above what was live before it (see RESULTS.md header).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,20 +31,34 @@ def variants(r: int):
     lo = dict(r=r, lora_alpha=2 * r, target_modules=T_ALL, lora_dropout=0.0)
     ia3_re, ff_re = r"(k_proj|v_proj)$", r"down_proj$"
     return {
-        "LoRA": (lambda m: lf.init(0, m, lf.LoRAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
-                 lambda: peft.LoraConfig(**lo)),
-        "DoRA": (lambda m: lf.init(0, m, lf.DoRAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
-                 lambda: peft.LoraConfig(**lo, use_dora=True)),
-        "DeLoRA": (lambda m: lf.init(0, m, lf.DeLoRAConfig(r=r, lam=15.0), targets=C.LLAMA_TARGETS_RE),
-                   lambda: peft.DeloraConfig(r=r, delora_lambda=15.0, target_modules=T_ALL)),
-        "HRA": (lambda m: lf.init(0, m, lf.HRAConfig(r=r), targets=C.LLAMA_TARGETS_RE),
-                lambda: peft.HRAConfig(r=r, target_modules=T_ALL)),
-        "IA3": (lambda m: {**lf.init(0, m, lf.IA3Config(), targets=ia3_re), **lf.init(0, m, lf.IA3FFConfig(), targets=ff_re)},
-                lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
-        "ROAD": (lambda m: lf.init(0, m, lf.ROADConfig(variant="road_1", group_size=64), targets=C.LLAMA_TARGETS_RE),
-                 lambda: peft.RoadConfig(variant="road_1", group_size=64, target_modules=T_ALL)),
-        "PiSSA": (lambda m: lf.init(0, m, lf.PiSSAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
-                  lambda: peft.LoraConfig(**lo, init_lora_weights="pissa")),
+        "LoRA": (
+            lambda m: lf.init(0, m, lf.LoRAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.LoraConfig(**lo),
+        ),
+        "DoRA": (
+            lambda m: lf.init(0, m, lf.DoRAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.LoraConfig(**lo, use_dora=True),
+        ),
+        "DeLoRA": (
+            lambda m: lf.init(0, m, lf.DeLoRAConfig(r=r, lam=15.0), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.DeloraConfig(r=r, delora_lambda=15.0, target_modules=T_ALL),
+        ),
+        "HRA": (
+            lambda m: lf.init(0, m, lf.HRAConfig(r=r), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.HRAConfig(r=r, target_modules=T_ALL),
+        ),
+        "IA3": (
+            lambda m: {**lf.init(0, m, lf.IA3Config(), targets=ia3_re), **lf.init(0, m, lf.IA3FFConfig(), targets=ff_re)},
+            lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        ),
+        "ROAD": (
+            lambda m: lf.init(0, m, lf.ROADConfig(variant="road_1", group_size=64), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.RoadConfig(variant="road_1", group_size=64, target_modules=T_ALL),
+        ),
+        "PiSSA": (
+            lambda m: lf.init(0, m, lf.PiSSAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.LoraConfig(**lo, init_lora_weights="pissa"),
+        ),
     }
 
 
@@ -55,6 +70,7 @@ def lite_step(model, params, loss_fn, lr=1e-4):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -66,6 +82,7 @@ def peft_step(pm, loss_fn, lr=1e-4):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -77,6 +94,7 @@ def limit_step(model, x):
     def step():
         h = emb(x).detach().requires_grad_(True)
         model(inputs_embeds=h, labels=x).loss.backward()
+
     return step
 
 
@@ -120,8 +138,20 @@ def main():
     def lm_loss(f):
         return f(x, labels=x).loss
 
-    tab = C.Table(["variant", "limit ms", "lite_fn ms", "peft ms", "lite/peft time", "lite/limit",
-                   "lite_fn peak", "peft peak", "lite/peft mem", "goal"])
+    tab = C.Table(
+        [
+            "variant",
+            "limit ms",
+            "lite_fn ms",
+            "peft ms",
+            "lite/peft time",
+            "lite/limit",
+            "lite_fn peak",
+            "peft peak",
+            "lite/peft mem",
+            "goal",
+        ]
+    )
     bars = {}
     for name, (make_lite, make_peft) in variants(r).items():
         if args.only and name not in args.only:
@@ -134,9 +164,18 @@ def main():
         fns = {"limit": limit_step(base, x), "lite_fn": lite_step(lite_model, params, lm_loss), "peft": peft_step(pm, lm_loss)}
         t, mem = measure(fns, args.repeats)
         g = C.goal(t["lite_fn"] / t["peft"], "<=", 0.8) if name == "DoRA" else ""
-        tab.add(name, C.ms(t["limit"]), C.ms(t["lite_fn"]), C.ms(t["peft"]), C.ratio(t["lite_fn"] / t["peft"]),
-                C.ratio(t["lite_fn"] / t["limit"]), C.fmt_bytes(mem["lite_fn"]), C.fmt_bytes(mem["peft"]),
-                C.ratio(mem["lite_fn"] / mem["peft"]), g)
+        tab.add(
+            name,
+            C.ms(t["limit"]),
+            C.ms(t["lite_fn"]),
+            C.ms(t["peft"]),
+            C.ratio(t["lite_fn"] / t["peft"]),
+            C.ratio(t["lite_fn"] / t["limit"]),
+            C.fmt_bytes(mem["lite_fn"]),
+            C.fmt_bytes(mem["peft"]),
+            C.ratio(mem["lite_fn"] / mem["peft"]),
+            g,
+        )
         bars[name] = (t["lite_fn"] / t["peft"], mem["lite_fn"] / mem["peft"])
         del pm, params
 
@@ -158,19 +197,29 @@ def main():
         def limit():
             xx = xb.detach().requires_grad_(True)  # backward to the input, like the Llama limit
             net(xx).square().mean().backward()
+
         fns = {"limit": limit, "lite_fn": lite_step(net, params, sq_loss), "peft": peft_step(pm, sq_loss)}
         t, mem = measure(fns, args.repeats)
         speed = t["peft"] / t["lite_fn"]
         name = f"HRA d={d_big} (one Linear, {n_big} rows)"
-        tab.add(name, C.ms(t["limit"]), C.ms(t["lite_fn"]), C.ms(t["peft"]), C.ratio(t["lite_fn"] / t["peft"]),
-                C.ratio(t["lite_fn"] / t["limit"]), C.fmt_bytes(mem["lite_fn"]), C.fmt_bytes(mem["peft"]),
-                C.ratio(mem["lite_fn"] / mem["peft"]), "peft/lite " + C.goal(speed, ">=", 3.0))
+        tab.add(
+            name,
+            C.ms(t["limit"]),
+            C.ms(t["lite_fn"]),
+            C.ms(t["peft"]),
+            C.ratio(t["lite_fn"] / t["peft"]),
+            C.ratio(t["lite_fn"] / t["limit"]),
+            C.fmt_bytes(mem["lite_fn"]),
+            C.fmt_bytes(mem["peft"]),
+            C.ratio(mem["lite_fn"] / mem["peft"]),
+            "peft/lite " + C.goal(speed, ">=", 3.0),
+        )
         bars[f"HRA d={d_big}"] = (t["lite_fn"] / t["peft"], mem["lite_fn"] / mem["peft"])
 
     tab.print("Train step (forward + backward + AdamW), median ms and peak step memory")
     body = f"""
 Model: {C.model_desc(base)}; batch {B}×{T} tokens, causal-LM loss; base weights frozen on both sides.
-r={r} (alpha=2r) for the low-rank variants, on every linear layer of the blocks ({', '.join(T_ALL)});
+r={r} (alpha=2r) for the low-rank variants, on every linear layer of the blocks ({", ".join(T_ALL)});
 IA3 on k_proj, v_proj (output-side) and down_proj (feed-forward, input-side) as peft's Llama default;
 ROAD road_1 with group size 64 (so the intermediate width is 704 = 11·64). peft configs: LoraConfig,
 LoraConfig(use_dora=True), DeloraConfig, HRAConfig, IA3Config, RoadConfig, LoraConfig(init_lora_weights="pissa").

@@ -17,6 +17,7 @@ Multi-node: run the same command on every node with ``--nnodes N --node_rank i -
 --rdzv-endpoint HOST:PORT`` instead of ``--standalone``. ``--fsdp`` shards the decoder layers of
 Llama-style models (``model.model.layers``: Llama, Mistral, Qwen2, …).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,15 @@ def make_model(args):
 
     if args.tiny:
         torch.manual_seed(0)  # the same base on every process
-        config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=128, attn_implementation="eager")
+        config = transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            attn_implementation="eager",
+        )
         return transformers.LlamaForCausalLM(config)
     return transformers.AutoModelForCausalLM.from_pretrained(args.model)
 
@@ -81,8 +89,9 @@ def train(args, rank: int, world: int, device: torch.device) -> bool:
         fully_shard(model)
     # DDP sees only the adapter: its parameters are broadcast once and their gradients all-reduced;
     # the frozen leaves (buffers) never change, so there is nothing to broadcast every step
-    module = DDP(lf.Adapted(model, params).to(device), device_ids=[device] if device.type == "cuda" else None,
-                 broadcast_buffers=False)
+    module = DDP(
+        lf.Adapted(model, params).to(device), device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+    )
 
     data = make_dataset(model.config.vocab_size, rows=args.rows, seq=args.seq)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)  # a shard per process

@@ -6,14 +6,15 @@
 
 Only re-exports live here; each variant's math is in ``lite_fn/variants/<name>.py``.
 """
+
 from . import linalg, train, variants
+from ._contract import Stat, Variant, VariantSpec
 from ._keys import fold_in, split
 from .adapted import Adapted
 from .io import check_against, load, load_metadata, save
 from .peft_io import load_peft, save_peft
 from .runtime import applied, call, init, merge, target_paths
 from .trees import combine, partition, stack, trainable, unstack, with_alpha
-from ._contract import Stat, Variant, VariantSpec
 from .variants import REGISTRY
 from .variants import register as register_variant
 from .variants.antipasto import AntiPaSTOConfig
@@ -30,10 +31,42 @@ from .variants.road import ROADConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "init", "call", "applied", "stack", "unstack", "with_alpha", "merge", "save", "load", "load_metadata", "check_against",
-    "load_peft", "save_peft",
-    "trainable", "partition", "combine", "target_paths", "fold_in", "split", "linalg", "variants", "REGISTRY",
-    "Adapted", "train", "register_variant", "Variant", "VariantSpec", "Stat",
-    "LoRAConfig", "DoRAConfig", "PiSSAConfig", "DeLoRAConfig", "EVAConfig", "HRAConfig", "IA3Config",
-    "IA3FFConfig", "ROADConfig", "AntiPaSTOConfig",
+    "REGISTRY",
+    "Adapted",
+    "AntiPaSTOConfig",
+    "DeLoRAConfig",
+    "DoRAConfig",
+    "EVAConfig",
+    "HRAConfig",
+    "IA3Config",
+    "IA3FFConfig",
+    "LoRAConfig",
+    "PiSSAConfig",
+    "ROADConfig",
+    "Stat",
+    "Variant",
+    "VariantSpec",
+    "applied",
+    "call",
+    "check_against",
+    "combine",
+    "fold_in",
+    "init",
+    "linalg",
+    "load",
+    "load_metadata",
+    "load_peft",
+    "merge",
+    "partition",
+    "register_variant",
+    "save",
+    "save_peft",
+    "split",
+    "stack",
+    "target_paths",
+    "train",
+    "trainable",
+    "unstack",
+    "variants",
+    "with_alpha",
 ]

@@ -3,6 +3,7 @@
 ``swap_map`` returns ``{id(model tensor): tensor to use}``, which the injection (``_inject``)
 substitutes wherever a model tensor reaches a torch function; nothing is assigned to the model.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -29,13 +30,17 @@ def swap_map(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor], d
             swap = {i: t.detach() for i, t in owners.items() if t.requires_grad and not t.is_meta}
         return swap, aliases
     if not isinstance(base, Mapping):
-        raise TypeError(f"base must be a dict {{parameter or buffer name: Tensor}} (as torch.func.functional_call takes), got {type(base).__name__}")
+        raise TypeError(
+            f"base must be a dict {{parameter or buffer name: Tensor}} (as torch.func.functional_call takes), got {type(base).__name__}"
+        )
     known = {n for names in aliases.values() for n in names}
     extra = sorted(set(base) - known)
     if extra:
         hints = {n: difflib.get_close_matches(str(n), known, n=1) for n in extra[:5]}
-        raise ValueError(f"base has names that are not parameters or buffers of {type(model).__name__}: "
-                         + ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items()))
+        raise ValueError(
+            f"base has names that are not parameters or buffers of {type(model).__name__}: "
+            + ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
+        )
     missing = []
     for i, names in aliases.items():
         t = owners[i]
@@ -49,18 +54,23 @@ def swap_map(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor], d
         value = base[given[0]]
         for n in given[1:]:
             if base[n] is not value:
-                raise ValueError(f"base[{given[0]!r}] and base[{n!r}] are different tensors, but the model ties them (one "
-                                 f"parameter); pass one of the two names")
+                raise ValueError(
+                    f"base[{given[0]!r}] and base[{n!r}] are different tensors, but the model ties them (one "
+                    f"parameter); pass one of the two names"
+                )
         if not isinstance(value, Tensor):
             raise TypeError(f"base[{given[0]!r}] is a {type(value).__name__}; pass a Tensor")
         if tuple(value.shape) != tuple(t.shape):
-            raise ValueError(f"base[{given[0]!r}] has shape {tuple(value.shape)} but the model's {given[0]!r} has shape "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"base[{given[0]!r}] has shape {tuple(value.shape)} but the model's {given[0]!r} has shape {tuple(t.shape)}"
+            )
         swap[i] = value.detach() if freeze else value
     if missing:
-        raise ValueError(f"base is missing {len(missing)} tensors that the model holds on the meta device: {missing[:6]}"
-                         f"{' …' if len(missing) > 6 else ''}. Non-persistent buffers (e.g. rotary inv_freq) are not in a state_dict: add "
-                         f"them, e.g. from a real model's named_buffers(). A tied weight (e.g. lm_head.weight) is missing when "
-                         f"the skeleton lost its ties: `.to('meta')` unties them; call skeleton.tie_weights() or build the "
-                         f"skeleton under `with torch.device('meta'):`")
+        raise ValueError(
+            f"base is missing {len(missing)} tensors that the model holds on the meta device: {missing[:6]}"
+            f"{' …' if len(missing) > 6 else ''}. Non-persistent buffers (e.g. rotary inv_freq) are not in a state_dict: add "
+            f"them, e.g. from a real model's named_buffers(). A tied weight (e.g. lm_head.weight) is missing when "
+            f"the skeleton lost its ties: `.to('meta')` unties them; call skeleton.tie_weights() or build the "
+            f"skeleton under `with torch.device('meta'):`"
+        )
     return swap, aliases

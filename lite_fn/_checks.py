@@ -1,4 +1,5 @@
 """Validation at the door: every error names the bad value and says what would work."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,20 +23,28 @@ def check_weight(W: torch.Tensor, who: str) -> tuple[int, int]:
 
 def check_rank(r: int, d_out: int, d_in: int, who: str) -> None:
     if r > min(d_out, d_in):
-        raise ValueError(f"{who}: r={r} exceeds min(d_out, d_in)={min(d_out, d_in)} for W of shape ({d_out}, {d_in}); use r <= {min(d_out, d_in)}")
+        raise ValueError(
+            f"{who}: r={r} exceeds min(d_out, d_in)={min(d_out, d_in)} for W of shape ({d_out}, {d_in}); use r <= {min(d_out, d_in)}"
+        )
 
 
 def check_input(x: torch.Tensor, W: torch.Tensor, who: str) -> None:
     if x.shape[-1] != W.shape[-1]:
-        raise ValueError(f"{who}: x has last dim {x.shape[-1]} but W of shape {tuple(W.shape)} expects d_in={W.shape[-1]}; pass x of shape (..., {W.shape[-1]})")
+        raise ValueError(
+            f"{who}: x has last dim {x.shape[-1]} but W of shape {tuple(W.shape)} expects d_in={W.shape[-1]}; pass x of shape (..., {W.shape[-1]})"
+        )
 
 
 def calibration_stat(st, stat_cls, r: int, who: str, what: str, build: str) -> None:
     """A data-driven init got a statistic of the right kind (``what``) that saw at least r tokens."""
     if st is None:
-        raise ValueError(f"{who}: {what} is data-driven and got no calibration statistic; pass calibration data to lf.init / build one with {build} and feed it with stat.update(x)")
+        raise ValueError(
+            f"{who}: {what} is data-driven and got no calibration statistic; pass calibration data to lf.init / build one with {build} and feed it with stat.update(x)"
+        )
     if not isinstance(st, stat_cls):
-        raise TypeError(f"{who}: stat is a {type(st).__module__}.{type(st).__name__}, not an {what} statistic; build one with {build}")
+        raise TypeError(
+            f"{who}: stat is a {type(st).__module__}.{type(st).__name__}, not an {what} statistic; build one with {build}"
+        )
     if st.tokens < r:
         raise ValueError(f"{who}: calibration saw {st.tokens} tokens, fewer than r={r}; give more calibration data")
 
@@ -47,6 +56,7 @@ def positive_int(name: str, value, who: str) -> None:
 
 def finite_number(name: str, value, who: str) -> None:
     import math
+
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{who}: {name}={value!r} must be a finite number")
 
@@ -73,8 +83,10 @@ def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int =
         sizes = {name: (v.shape[0] if v.ndim else None) for name, v in leaves.items()}
         Ks = {k for k in sizes.values()}
         if None in Ks or len(Ks) > 1:
-            raise ValueError(f"{where}: stacked leaves need one leading adapter axis of the same length K on every leaf, "
-                             f"got leading sizes {sizes}; build them with lf.stack([...])")
+            raise ValueError(
+                f"{where}: stacked leaves need one leading adapter axis of the same length K on every leaf, "
+                f"got leading sizes {sizes}; build them with lf.stack([...])"
+            )
         K = Ks.pop()
     given = {name: tuple(v.shape[batch_dims:]) for name, v in leaves.items()}
     d_out, d_in = W.shape[-2], W.shape[-1]
@@ -87,20 +99,27 @@ def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int =
     if missing or extra:
         parts = [f"missing leaf {k!r} (expected shape {expected[k]})" for k in missing]
         parts += [f"unexpected leaf {k!r}" for k in extra]
-        raise ValueError(f"{where}: {'; '.join(parts)}; {variant.NAME} leaves for W of shape ({d_out}, {d_in}) are "
-                         f"{ {k: v for k, v in expected.items()} } — build them with lf.init")
+        raise ValueError(
+            f"{where}: {'; '.join(parts)}; {variant.NAME} leaves for W of shape ({d_out}, {d_in}) are "
+            f"{ {k: v for k, v in expected.items()} } — build them with lf.init"
+        )
     for k, shape in expected.items():
         if given[k] != tuple(shape):
             lead = f"({K}, ...) stacked as " if batch_dims else ""
-            raise ValueError(f"{where}[{k!r}] has shape {given[k]} but {variant.NAME} on W of shape ({d_out}, {d_in}) "
-                             f"needs {lead}{tuple(shape)} (no broadcasting); re-init it with lf.init for this layer")
+            raise ValueError(
+                f"{where}[{k!r}] has shape {given[k]} but {variant.NAME} on W of shape ({d_out}, {d_in}) "
+                f"needs {lead}{tuple(shape)} (no broadcasting); re-init it with lf.init for this layer"
+            )
     for k, v in leaves.items():
         if v.is_floating_point() and v.dtype != W.dtype:
-            raise TypeError(f"{where}[{k!r}] has dtype {v.dtype} but the layer's weight is {W.dtype}; cast the params "
-                            f"(e.g. optree.tree_map(lambda t: t.to({W.dtype}), params)) or the model to one dtype")
+            raise TypeError(
+                f"{where}[{k!r}] has dtype {v.dtype} but the layer's weight is {W.dtype}; cast the params "
+                f"(e.g. optree.tree_map(lambda t: t.to({W.dtype}), params)) or the model to one dtype"
+            )
         if v.device != W.device and W.device.type != "meta":
-            raise ValueError(f"{where}[{k!r}] is on {v.device} but the layer's weight is on {W.device}; move the params "
-                             f"to {W.device}")
+            raise ValueError(
+                f"{where}[{k!r}] is on {v.device} but the layer's weight is on {W.device}; move the params to {W.device}"
+            )
     return K
 
 

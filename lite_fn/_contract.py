@@ -5,6 +5,7 @@ user's own module or object registered with ``lf.register_variant``. The registr
 ``VariantSpec`` whose optional hooks are ``None`` when absent, so the runtime asks "is there a
 statistic?" as ``spec.stat is not None``, never with ``hasattr``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -68,7 +69,7 @@ class VariantSpec:
     apply: Callable[..., Tensor]
     shapes: Callable[[Shapes, int, int], Shapes]
     STEERING_LEAF: str | None = None
-    random_init: Callable[[Any], bool] = lambda cfg: True  # noqa: E731 — the default: init draws random numbers
+    random_init: Callable[[Any], bool] = lambda cfg: True
     stat: Callable[[Any, Tensor], Stat | None] | None = None
     plan: Callable[[Mapping[str, Stat], dict, dict], dict] | None = None
     pad: Callable[[str, dict, int, Callable], dict] | None = None
@@ -80,17 +81,30 @@ class VariantSpec:
             return variant
         missing = [m for m in REQUIRED if not hasattr(variant, m)]
         if missing:
-            raise TypeError(f"{variant!r} is not a lite_fn variant: it lacks {missing} (a variant defines NAME, TRAINABLE, "
-                            f"Config, init(key, W, cfg, stat=None), apply(params, W, x, b=None) and shapes(leaves, d_out, d_in))")
+            raise TypeError(
+                f"{variant!r} is not a lite_fn variant: it lacks {missing} (a variant defines NAME, TRAINABLE, "
+                f"Config, init(key, W, cfg, stat=None), apply(params, W, x, b=None) and shapes(leaves, d_out, d_in))"
+            )
         if not isinstance(variant.NAME, str) or not variant.NAME.isidentifier():
             raise ValueError(f"variant NAME={variant.NAME!r} must be an identifier-like string (e.g. 'my_lora')")
         if getattr(variant.Config, "variant_name", None) != variant.NAME:
-            raise ValueError(f"{variant.NAME}: Config.variant_name is {getattr(variant.Config, 'variant_name', None)!r}; "
-                             f"declare `variant_name: ClassVar[str] = {variant.NAME!r}` on the config class")
+            raise ValueError(
+                f"{variant.NAME}: Config.variant_name is {getattr(variant.Config, 'variant_name', None)!r}; "
+                f"declare `variant_name: ClassVar[str] = {variant.NAME!r}` on the config class"
+            )
         trainable = variant.TRAINABLE
         if not isinstance(trainable, (set, frozenset)) or not all(isinstance(t, str) for t in trainable):
             raise TypeError(f"{variant.NAME}: TRAINABLE must be a frozenset of leaf names, got {trainable!r}")
-        optional = {k: getattr(variant, k) for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad")
-                    if hasattr(variant, k)}
-        return cls(NAME=variant.NAME, TRAINABLE=frozenset(trainable), Config=variant.Config, init=variant.init,
-                   apply=variant.apply, shapes=variant.shapes, source=variant, **optional)
+        optional = {
+            k: getattr(variant, k) for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad") if hasattr(variant, k)
+        }
+        return cls(
+            NAME=variant.NAME,
+            TRAINABLE=frozenset(trainable),
+            Config=variant.Config,
+            init=variant.init,
+            apply=variant.apply,
+            shapes=variant.shapes,
+            source=variant,
+            **optional,
+        )

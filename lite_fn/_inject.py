@@ -26,6 +26,7 @@ Limits: a layer is recognised only through its kind's operation on its own weigh
 call, for module kinds); a targeted layer that the forward never computes that way is reported
 after the call (``missed``), never skipped silently.
 """
+
 from __future__ import annotations
 
 import threading
@@ -88,7 +89,8 @@ class _Mode(TorchFunctionMode):
                 f"{layer.path}: the quantized layer ({type(layer.module).__name__}) returns an output with no gradient to its "
                 f"input, so adapters before it would silently get wrong (zero) gradients. bitsandbytes does this on CPU "
                 f"once a 4-bit layer has run in eval mode without gradients (it repacks the weight for inference); for "
-                f"inference run under torch.no_grad(); to train, call model.train() before the first forward, or reload it")
+                f"inference run under torch.no_grad(); to train, call model.train() before the first forward, or reload it"
+            )
         b = getattr(layer.module, "bias", None)
         b = None if b is None else self._value(b)
         W = QuantizedWeight(layer.module, layer.kind, x, output)  # a Tensor to the variant: F.linear, shape, dtype
@@ -179,4 +181,5 @@ def missed_error(paths: list[str], what: str) -> RuntimeError:
     return RuntimeError(
         f"{what}: targeted layers {paths} were never computed through {kinds} with their own weight during the forward, "
         f"so their adapters did not act. Drop them from params/targets if the forward does not use them; if the model "
-        f"computes them another way (a custom forward, a fused or quantized kernel), lite_fn cannot adapt them exactly")
+        f"computes them another way (a custom forward, a fused or quantized kernel), lite_fn cannot adapt them exactly"
+    )

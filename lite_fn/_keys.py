@@ -8,6 +8,7 @@ global RNG: every draw goes through a private ``torch.Generator`` seeded from th
                                                             # which other layers are targeted
     k1, k2 = split(k, 2)
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -13,6 +13,7 @@ A kind says how to recognise the module and how its frozen product is reached:
 
 Adding a layer type is one entry here; nothing else in the library knows about layer types.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,7 +31,7 @@ class LayerKind(NamedTuple):
     unpack: Callable[[tuple, dict], tuple[Tensor, Tensor | None] | None]  # (x, bias) or None: not a plain call
     dense: Callable[[Tensor], Tensor]  # stored weight -> (d_out, d_in) values (dequantized for module kinds)
     store: Callable[[Tensor], Tensor]  # (d_out, d_in) -> stored layout (dense for module kinds)
-    product: Callable[[nn.Module, Tensor, "Tensor | None"], Tensor] | None = None  # module kinds: x Wᵀ + b by the layer's kernel
+    product: Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None = None  # module kinds: x Wᵀ + b by the layer's kernel
     compute_dtype: Callable[[nn.Module], torch.dtype] | None = None  # module kinds: the dtype the layer computes in
     passes_gradient: Callable[[nn.Module], bool] | None = None  # module kinds: False when the kernel drops input grads
 
@@ -70,7 +71,8 @@ def _dequantize_4bit(w: Any) -> Tensor:
     import bitsandbytes as bnb  # pyright: ignore[reportMissingImports]
 
     return bnb.functional.dequantize_4bit(  # pyright: ignore[reportAttributeAccessIssue]
-        w.data, w.quant_state).detach()
+        w.data, w.quant_state
+    ).detach()
 
 
 def _product_4bit(m: Any, x: Tensor, b: Tensor | None) -> Tensor:
@@ -79,7 +81,8 @@ def _product_4bit(m: Any, x: Tensor, b: Tensor | None) -> Tensor:
     # Linear4bit.forward without its in-place caching: x in the compute dtype, the packed kernel, back to x's dtype
     xc = x if m.compute_dtype is None else x.to(m.compute_dtype)
     return bnb.matmul_4bit(  # pyright: ignore[reportPrivateImportUsage]
-        xc, m.weight, bias=None if b is None else b.to(xc.dtype), quant_state=m.weight.quant_state).to(x.dtype)
+        xc, m.weight, bias=None if b is None else b.to(xc.dtype), quant_state=m.weight.quant_state
+    ).to(x.dtype)
 
 
 def _dtype_4bit(m: Any) -> torch.dtype:
@@ -114,10 +117,29 @@ def _no_op_args(args: tuple, kwargs: dict):
 KINDS: tuple[LayerKind, ...] = (
     LayerKind("nn.Linear", _is_plain_linear, torch.nn.functional.linear, 1, _linear_args, lambda w: w, lambda W: W),
     LayerKind("Conv1D", _is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W: W.T),
-    LayerKind("bitsandbytes Linear4bit", _is_bnb("Linear4bit"), None, 0, _no_op_args, _dequantize_4bit, lambda W: W,
-              _product_4bit, _dtype_4bit, _passes_gradient_4bit),
-    LayerKind("bitsandbytes Linear8bitLt", _is_bnb("Linear8bitLt"), None, 0, _no_op_args, _dequantize_8bit, lambda W: W,
-              _product_8bit, _dtype_8bit),
+    LayerKind(
+        "bitsandbytes Linear4bit",
+        _is_bnb("Linear4bit"),
+        None,
+        0,
+        _no_op_args,
+        _dequantize_4bit,
+        lambda W: W,
+        _product_4bit,
+        _dtype_4bit,
+        _passes_gradient_4bit,
+    ),
+    LayerKind(
+        "bitsandbytes Linear8bitLt",
+        _is_bnb("Linear8bitLt"),
+        None,
+        0,
+        _no_op_args,
+        _dequantize_8bit,
+        lambda W: W,
+        _product_8bit,
+        _dtype_8bit,
+    ),
 )
 
 
@@ -189,7 +211,8 @@ def kind_of(module: nn.Module, path: str) -> LayerKind:
         raise TypeError(
             f"module {path!r} is a {type(module).__module__}.{type(module).__name__}, an nn.Linear subclass with its own "
             f"forward that lite_fn does not know (it adapts nn.Linear, Conv1D and bitsandbytes' Linear4bit/Linear8bitLt); "
-            f"it cannot adapt it exactly — exclude it from `targets`")
+            f"it cannot adapt it exactly — exclude it from `targets`"
+        )
     raise TypeError(
         f"module {path!r} is a {type(module).__module__}.{type(module).__name__}; lite_fn adapts nn.Linear, transformers' "
         f"Conv1D and bitsandbytes' Linear4bit/Linear8bitLt only — "

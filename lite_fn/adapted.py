@@ -12,6 +12,7 @@ The base model is deliberately *not* a submodule: it is kept in a plain attribut
 all-reduces see the adapter leaves only, and the (possibly sharded, offloaded or shared) base model
 is never copied, moved, synchronised or mutated.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,10 @@ def _facade_class(model_cls: type) -> type[Adapted]:
     """
     cls = _FACADES.get(model_cls)
     if cls is None:
+
         def forward(self, *args, **kwargs):
             return Adapted.forward(self, *args, **kwargs)
+
         with contextlib.suppress(TypeError, ValueError):  # no introspectable signature: keep (*args, **kwargs)
             forward.__signature__ = inspect.signature(model_cls.forward)
         forward.__doc__ = Adapted.forward.__doc__
@@ -129,22 +132,28 @@ class Adapted(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"lf.Adapted(model, params): model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(params, dict) or not params:
-            raise TypeError(f"lf.Adapted(model, params): params must be a non-empty dict from lf.init or lf.load "
-                            f"({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}")
+            raise TypeError(
+                f"lf.Adapted(model, params): params must be a non-empty dict from lf.init or lf.load "
+                f"({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}"
+            )
         # outside nn.Module's registries on purpose: not a submodule (see the class docstring)
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "base", base)
         keys: dict[str, tuple[str, str, str]] = {}
         for path, by_variant in params.items():
             if not isinstance(by_variant, dict) or len(by_variant) != 1:
-                raise ValueError(f"params[{path!r}] must hold exactly one variant, got "
-                                 f"{list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}")
-            (variant, leaves), = by_variant.items()
+                raise ValueError(
+                    f"params[{path!r}] must hold exactly one variant, got "
+                    f"{list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}"
+                )
+            ((variant, leaves),) = by_variant.items()
             if not isinstance(leaves, dict):
                 raise TypeError(f"params[{path!r}][{variant!r}] must be a dict {{leaf: Tensor}}, got {type(leaves).__name__}")
             for leaf, value in leaves.items():
                 if not isinstance(value, Tensor):
-                    raise TypeError(f"params[{path!r}][{variant!r}][{leaf!r}] is a {type(value).__name__}; every leaf must be a Tensor")
+                    raise TypeError(
+                        f"params[{path!r}][{variant!r}][{leaf!r}] is a {type(value).__name__}; every leaf must be a Tensor"
+                    )
                 name = _leaf_name(path, variant, leaf, set(keys), self)
                 own = value.detach().clone()
                 if is_trainable(variant, leaf):  # KeyError naming the known variants for an unknown one
@@ -160,8 +169,10 @@ class Adapted(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("model", "base"):
-            raise AttributeError(f"lf.Adapted.{name} is fixed at construction (the base model stays outside the module "
-                                 f"tree); build a new one: lf.Adapted(other_model, adapted.params)")
+            raise AttributeError(
+                f"lf.Adapted.{name} is fixed at construction (the base model stays outside the module "
+                f"tree); build a new one: lf.Adapted(other_model, adapted.params)"
+            )
         super().__setattr__(name, value)
 
     @property
@@ -207,5 +218,7 @@ class Adapted(nn.Module):
         names = sorted({variant for _, variant, _ in self._tree_keys.values()})
         n_train = sum(p.numel() for p in self.parameters())
         n_all = n_train + sum(b.numel() for b in self.buffers())
-        return (f"model={type(self.model).__name__}, layers={len(layers)}, variants={names}, "
-                f"trainable={n_train:,} of {n_all:,} adapter values")
+        return (
+            f"model={type(self.model).__name__}, layers={len(layers)}, variants={names}, "
+            f"trainable={n_train:,} of {n_all:,} adapter values"
+        )

@@ -6,6 +6,7 @@ the identical input tensor (q/k/v) and whose statistics only depend on that inpu
 statistic object, so the work is done once. Iteration stops early once every statistic
 reports ``converged``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sized
@@ -25,8 +26,9 @@ def _run(model: nn.Module, batch):
     return model(batch)
 
 
-def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool | None = None, max_batches: int | None = None,
-            base=None) -> dict:
+def collect(
+    model: nn.Module, stats: dict, data: Iterable, *, progress: bool | None = None, max_batches: int | None = None, base=None
+) -> dict:
     """Update ``stats[path]`` with the inputs the module at ``path`` receives; returns ``stats``
     (shared statistics replace their duplicates, so equal entries are the same object).
 
@@ -54,6 +56,7 @@ def collect(model: nn.Module, stats: dict, data: Iterable, *, progress: bool | N
                 if key is not None:
                     last[key] = (x, path)
             return base_product()
+
         return handler
 
     layers = []

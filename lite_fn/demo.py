@@ -27,6 +27,7 @@ status 1 when an adapter does not clearly beat the base on held-out data, the sw
 monotone, or alpha = 0 is not the base model. ``--tiny`` is a smoke run of the same code path
 (tiny data, 2 steps; it is not expected to learn). Needs the ``[demo]`` extra.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,7 @@ ATTN_QV = r"attention\.self\.(query|value)$"
 @dataclass
 class Run:
     """One adapter to train: configs with their target regexes (disjoint layers), Adam's lr, steps."""
+
     name: str
     cfgs: list
     lr: float
@@ -74,9 +76,16 @@ def runs(steps: int) -> list[Run]:
         Run("rsLoRA", [(lf.LoRAConfig(r=8, alpha=16, use_rslora=True), ATTN_QV)], 1e-3, steps),
         Run("DoRA", [(lf.DoRAConfig(r=8, alpha=16), ATTN_QV)], 3e-3, steps),
         Run("PiSSA", [(lf.PiSSAConfig(r=8, alpha=16), ATTN_QV)], 2e-3, steps),
-        Run("IA3+IA3-FF", [(lf.IA3Config(), r"attention\.self\.(key|value)$"),  # the paper's layout: k, v and
-                           # the FFN's inner activations (the input of its down-projection)
-                           (lf.IA3FFConfig(), r"layer\.\d+\.output\.dense$")], 3e-2, steps),
+        Run(
+            "IA3+IA3-FF",
+            [
+                (lf.IA3Config(), r"attention\.self\.(key|value)$"),  # the paper's layout: k, v and
+                # the FFN's inner activations (the input of its down-projection)
+                (lf.IA3FFConfig(), r"layer\.\d+\.output\.dense$"),
+            ],
+            3e-2,
+            steps,
+        ),
         Run("AntiPaSTO", [(lf.AntiPaSTOConfig(r=32, block_size=8, rotate_u=True), ATTN_QV)], 3e-2, steps, bidirectional=True),
     ]
 
@@ -120,15 +129,17 @@ class Split:
         self.chunks, self.labels = chunks, labels
 
     @classmethod
-    def tokenize(cls, tokenizer, sentences: list[str], labels: list[int], chunk: int = 64) -> "Split":
+    def tokenize(cls, tokenizer, sentences: list[str], labels: list[int], chunk: int = 64) -> Split:
         order = sorted(range(len(sentences)), key=lambda i: (len(tokenizer.tokenize(sentences[i])), i))
-        chunks = [dict(tokenizer([sentences[i] for i in order[s:s + chunk]], return_tensors="pt", padding=True))
-                  for s in range(0, len(order), chunk)]
+        chunks = [
+            dict(tokenizer([sentences[i] for i in order[s : s + chunk]], return_tensors="pt", padding=True))
+            for s in range(0, len(order), chunk)
+        ]
         return cls(chunks, torch.tensor([labels[i] for i in order]))
 
-    def head(self) -> "Split":
+    def head(self) -> Split:
         """The first chunk alone."""
-        return Split(self.chunks[:1], self.labels[:len(self.chunks[0]["input_ids"])])
+        return Split(self.chunks[:1], self.labels[: len(self.chunks[0]["input_ids"])])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -155,7 +166,7 @@ def train(run: Run, model, tokenizer, anchors: Tensor, data, batch_size: int, se
     for _ in range(run.steps):
         if pos + batch_size > len(order):  # next epoch
             order, pos = torch.randperm(len(sentences), generator=gen), 0
-        idx, pos = order[pos:pos + batch_size], pos + batch_size
+        idx, pos = order[pos : pos + batch_size], pos + batch_size
         batch = dict(tokenizer([sentences[i] for i in idx], return_tensors="pt", padding=True))
         y = labels[idx]
         if run.bidirectional:
@@ -176,8 +187,12 @@ def train(run: Run, model, tokenizer, anchors: Tensor, data, batch_size: int, se
 # ----------------------------------------------------------------------------- evaluation
 def structure(params: dict) -> tuple:
     """Adapters with equal paths, variants, leaf names and shapes can share one vmapped call."""
-    return tuple((p, n, k, tuple(v.shape)) for p, bv in sorted(params.items())
-                 for n, lv in sorted(bv.items()) for k, v in sorted(lv.items()))
+    return tuple(
+        (p, n, k, tuple(v.shape))
+        for p, bv in sorted(params.items())
+        for n, lv in sorted(bv.items())
+        for k, v in sorted(lv.items())
+    )
 
 
 def evaluate(model, trained: list[Run], test: Split, anchors: Tensor, progress: bool):
@@ -198,8 +213,10 @@ def evaluate(model, trained: list[Run], test: Split, anchors: Tensor, progress: 
     bar.close()
     # the ensembling recipe's check: vmap gives what a plain per-adapter call gives
     head = test.head()
-    diff = max(float((head.margins(lambda b: embed(model, r.params, b), anchors) - out[r.name][:len(head)]).abs().max())
-               for r in trained)
+    diff = max(
+        float((head.margins(lambda b: embed(model, r.params, b), anchors) - out[r.name][: len(head)]).abs().max())
+        for r in trained
+    )
     return out, [[r.name for r in g] for g in groups.values()], diff
 
 
@@ -210,8 +227,13 @@ def alpha_sweep(model, params: dict, alphas: Tensor, test: Split, anchors: Tenso
 
 # ----------------------------------------------------------------------------- report
 def score(name: str, m: Tensor, trainable: int, seconds: float | None) -> dict:
-    return {"variant": name, "trainable": trainable, "accuracy": float((m > 0).float().mean()),
-            "margin": float(m.mean()), "seconds": seconds}
+    return {
+        "variant": name,
+        "trainable": trainable,
+        "accuracy": float((m > 0).float().mean()),
+        "margin": float(m.mean()),
+        "seconds": seconds,
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -261,30 +283,45 @@ def parse_args(argv):
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny data, 2 steps per variant (no learning expected)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default 24; --tiny: 2)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the data, the adapters' keys and the batch order")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: reproducible, and fast on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: reproducible, and fast on a shared machine)"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    ap.add_argument("--steer", action="store_true",
-                    help="instead: steering (AntiPaSTO) and routed LoRAs on SmolLM2-135M-Instruct with model.generate; "
-                         "see python -m lite_fn.demo --steer --help")
+    ap.add_argument(
+        "--steer",
+        action="store_true",
+        help="instead: steering (AntiPaSTO) and routed LoRAs on SmolLM2-135M-Instruct with model.generate; "
+        "see python -m lite_fn.demo --steer --help",
+    )
     return ap.parse_args(argv)
 
 
-def find_problems(rows: list[dict], sweep_margin: list[float], zero: int, alpha0_exact: bool, sweep0_diff: float,
-                  vmap_diff: float, learning: bool = True) -> list[str]:
+def find_problems(
+    rows: list[dict],
+    sweep_margin: list[float],
+    zero: int,
+    alpha0_exact: bool,
+    sweep0_diff: float,
+    vmap_diff: float,
+    learning: bool = True,
+) -> list[str]:
     """What is wrong with a run, in words (empty: all good). rows = [base, *adapters]."""
     base, adapters = rows[0], rows[1:]
     problems = []
     if not alpha0_exact or sweep0_diff > 1e-5:
-        problems.append(f"AntiPaSTO at alpha=0 is not the base model (plain call bit-exact: {alpha0_exact}; "
-                        f"vmapped sweep off by {sweep0_diff:.1e})")
+        problems.append(
+            f"AntiPaSTO at alpha=0 is not the base model (plain call bit-exact: {alpha0_exact}; "
+            f"vmapped sweep off by {sweep0_diff:.1e})"
+        )
     if vmap_diff > 1e-4:
         problems.append(f"the vmapped evaluation differs from plain lf.call by {vmap_diff:.1e}")
     if learning:
         for r in adapters:
             if r["accuracy"] < base["accuracy"] + MIN_GAIN or r["margin"] <= base["margin"]:
-                problems.append(f"{r['variant']} did not learn: held-out accuracy {r['accuracy']:.3f} (mean margin {r['margin']:.4f}) "
-                                f"vs the base's {base['accuracy']:.3f} ({base['margin']:.4f}); needs at least +{MIN_GAIN} accuracy")
+                problems.append(
+                    f"{r['variant']} did not learn: held-out accuracy {r['accuracy']:.3f} (mean margin {r['margin']:.4f}) "
+                    f"vs the base's {base['accuracy']:.3f} ({base['margin']:.4f}); needs at least +{MIN_GAIN} accuracy"
+                )
         monotone = all(b > a - SWEEP_TOL for a, b in zip(sweep_margin, sweep_margin[1:]))
         if not (monotone and sweep_margin[0] < sweep_margin[zero] < sweep_margin[-1]):
             problems.append(f"AntiPaSTO's mean margin does not rise monotonically with alpha through the base: {sweep_margin}")
@@ -304,8 +341,10 @@ def run_demo(args) -> dict:
     with torch.no_grad():
         anchors = embed(model, None, dict(tokenizer(demo_data.LABEL_TEXTS, return_tensors="pt", padding=True)))  # (2, d)
     test = Split.tokenize(tokenizer, *data["test"])
-    print(f"MiniLM-L6, {sum(p.numel() for p in model.parameters()):,} frozen params; {n_train} train / {len(test)} "
-          f"held-out sentences (held-out frames and words unseen); read-out: cosine to {demo_data.LABEL_TEXTS}")
+    print(
+        f"MiniLM-L6, {sum(p.numel() for p in model.parameters()):,} frozen params; {n_train} train / {len(test)} "
+        f"held-out sentences (held-out frames and words unseen); read-out: cosine to {demo_data.LABEL_TEXTS}"
+    )
     base_m = test.margins(lambda b: embed(model, None, b), anchors)
 
     trained = runs(steps)
@@ -320,8 +359,9 @@ def run_demo(args) -> dict:
     # alpha=0 is the base bit for bit through a plain call; inside the vmapped sweep the base's matmuls
     # run batched (other CPU kernels), so there it agrees to float rounding only
     head = test.head()
-    alpha0_exact = bool(torch.equal(head.margins(lambda b: embed(model, lf.with_alpha(anti.params, 0.0), b), anchors),
-                                    base_m[:len(head)]))
+    alpha0_exact = bool(
+        torch.equal(head.margins(lambda b: embed(model, lf.with_alpha(anti.params, 0.0), b), anchors), base_m[: len(head)])
+    )
     sweep0_diff = float((sweep[zero] - base_m).abs().max())
     sweep_margin = [float(m.mean()) for m in sweep]
     sweep_acc = [float((m > 0).float().mean()) for m in sweep]
@@ -338,16 +378,30 @@ def run_demo(args) -> dict:
     print("  alpha  " + " ".join(f"{a:>7.2f}" for a in alphas.tolist()))
     print("  margin " + " ".join(f"{m:>7.4f}" for m in sweep_margin))
     print("  acc    " + " ".join(f"{a:>7.3f}" for a in sweep_acc))
-    print(f"  strictly increasing: {increasing}; alpha=0 is the base model bit for bit: {alpha0_exact} "
-          f"(in the vmapped sweep: max diff {sweep0_diff:.1e})")
+    print(
+        f"  strictly increasing: {increasing}; alpha=0 is the base model bit for bit: {alpha0_exact} "
+        f"(in the vmapped sweep: max diff {sweep0_diff:.1e})"
+    )
 
     plot(out / "alpha_sweep.png", alphas.tolist(), sweep_margin, sweep_acc, rows)
     # the tiny run checks the code path only: it is too short to learn
     problems = find_problems([base, *adapters], sweep_margin, zero, alpha0_exact, sweep0_diff, vmap_diff, learning=not args.tiny)
-    results = {"rows": rows, "alphas": alphas.tolist(), "sweep_margin": sweep_margin, "sweep_accuracy": sweep_acc,
-               "sweep_increasing": increasing, "alpha0_exact": alpha0_exact, "sweep_alpha0_max_diff": sweep0_diff,
-               "vmap_vs_call_max_diff": vmap_diff, "vmap_groups": groups, "tiny": args.tiny, "steps": steps,
-               "threads": args.threads, "problems": problems, "seconds_total": time.perf_counter() - t_start}
+    results = {
+        "rows": rows,
+        "alphas": alphas.tolist(),
+        "sweep_margin": sweep_margin,
+        "sweep_accuracy": sweep_acc,
+        "sweep_increasing": increasing,
+        "alpha0_exact": alpha0_exact,
+        "sweep_alpha0_max_diff": sweep0_diff,
+        "vmap_vs_call_max_diff": vmap_diff,
+        "vmap_groups": groups,
+        "tiny": args.tiny,
+        "steps": steps,
+        "threads": args.threads,
+        "problems": problems,
+        "seconds_total": time.perf_counter() - t_start,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nsaved {out / 'alpha_sweep.png'} and {out / 'results.json'}; {results['seconds_total']:.0f} s in all")
     if problems:

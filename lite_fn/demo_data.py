@@ -9,6 +9,7 @@ it measures whether an adapter learned to read negation, not whether it memorise
 Only the negators themselves ("not", "never", …) appear in both. Everything is generated from the
 lists below with a fixed seed, so the data are identical on every run.
 """
+
 from __future__ import annotations
 
 import random
@@ -67,5 +68,7 @@ def _sample(frames, words, n: int, rng: random.Random) -> tuple[list[str], list[
 def make(n_train: int = 320, n_test: int = 192, seed: int = 0) -> dict[str, tuple[list[str], list[int]]]:
     """{"train": (sentences, labels), "test": (sentences, labels)}: deterministic for a seed."""
     rng = random.Random(seed)
-    return {"train": _sample(TRAIN_FRAMES, TRAIN_WORDS, n_train, rng),
-            "test": _sample(HELDOUT_FRAMES, HELDOUT_WORDS, n_test, rng)}
+    return {
+        "train": _sample(TRAIN_FRAMES, TRAIN_WORDS, n_train, rng),
+        "test": _sample(HELDOUT_FRAMES, HELDOUT_WORDS, n_test, rng),
+    }

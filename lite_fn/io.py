@@ -26,6 +26,7 @@ damage it finds: a single-bit flip anywhere in the header, or any change to name
 bytes or metadata that the checksum sees, never loads as different params. With ``model=``, every path, layer type, leaf shape and dtype is checked against
 the model (``check_against``) and all problems are reported together.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,16 @@ _TMP_NAME_MAX = 200  # characters of the target's name kept in a temp name (NAME
 
 # safetensors dtype codes of the dtypes lite_fn stores (the checksum names dtypes by these codes)
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 _FROM = {v: k for k, v in _DTYPES.items()}
 
@@ -83,7 +92,9 @@ def _configs_by_path(params, config) -> dict:
         for name in bv:
             found = by_variant.get(name, [])
             if len(found) > 1:
-                raise ValueError(f"config has {len(found)} {name} configs; pass config as a dict {{module_path: cfg}} to say which is which")
+                raise ValueError(
+                    f"config has {len(found)} {name} configs; pass config as a dict {{module_path: cfg}} to say which is which"
+                )
             if found:
                 out[path] = _config_json(found[0])
     return out
@@ -181,9 +192,13 @@ def _remove_stale_temps(folder: str, base: str) -> None:
 
 
 def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return kind
     return "not a regular file"
@@ -208,14 +223,20 @@ def _fsync_dir(folder: str) -> None:
 def _flatten(params) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(tensors by key, keys metadata, layers variant names) of a params tree, validated."""
     if not isinstance(params, dict):
-        raise TypeError(f"params must be the dict returned by lf.init ({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}")
+        raise TypeError(
+            f"params must be the dict returned by lf.init ({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}"
+        )
     tensors, entries, names = {}, {}, {}
     for mpath, bv in params.items():
         if not isinstance(mpath, str):
-            raise TypeError(f"params key {mpath!r} is a {type(mpath).__name__}; module paths are strings like 'model.layers.0.self_attn.q_proj'")
+            raise TypeError(
+                f"params key {mpath!r} is a {type(mpath).__name__}; module paths are strings like 'model.layers.0.self_attn.q_proj'"
+            )
         if not isinstance(bv, dict) or len(bv) != 1:
-            raise ValueError(f"params[{mpath!r}] must hold exactly one variant, got {list(bv) if isinstance(bv, dict) else type(bv).__name__}")
-        (name, leaves), = bv.items()
+            raise ValueError(
+                f"params[{mpath!r}] must hold exactly one variant, got {list(bv) if isinstance(bv, dict) else type(bv).__name__}"
+            )
+        ((name, leaves),) = bv.items()
         variants.get(name)  # KeyError naming the known variants
         if not isinstance(leaves, dict):
             raise TypeError(f"params[{mpath!r}][{name!r}] must be a dict {{leaf: Tensor}}, got {type(leaves).__name__}")
@@ -227,8 +248,10 @@ def _flatten(params) -> tuple[dict[str, torch.Tensor], dict, dict]:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{where} is a {type(t).__name__}, not a tensor")
             if t.dtype not in _DTYPES:
-                raise TypeError(f"{where} has dtype {t.dtype}, which lite_fn checkpoints cannot store; use one of "
-                                f"{sorted(str(d).removeprefix('torch.') for d in _DTYPES)}")
+                raise TypeError(
+                    f"{where} has dtype {t.dtype}, which lite_fn checkpoints cannot store; use one of "
+                    f"{sorted(str(d).removeprefix('torch.') for d in _DTYPES)}"
+                )
             if t.layout != torch.strided:
                 raise TypeError(f"{where} is a {t.layout} tensor; save dense tensors (t.to_dense())")
             key = f"{mpath}.{name}.{leaf}"
@@ -289,8 +312,10 @@ def save(path: str | os.PathLike, params: dict, *, config=None) -> None:
     else:
         if not stat.S_ISREG(st.st_mode):
             via = f" (the symlink's target {target!r})" if target != os.path.abspath(shown) else ""
-            raise ValueError(f"cannot save to {shown!r}{via}: it is {_file_kind(st.st_mode)}, not a regular file; "
-                             f"pass a file path such as {os.path.join(shown, 'adapter.safetensors')!r}")
+            raise ValueError(
+                f"cannot save to {shown!r}{via}: it is {_file_kind(st.st_mode)}, not a regular file; "
+                f"pass a file path such as {os.path.join(shown, 'adapter.safetensors')!r}"
+            )
         mode = stat.S_IMODE(st.st_mode)
 
     _remove_stale_temps(folder, base)
@@ -324,15 +349,19 @@ def _read_bytes(path) -> tuple[str, bytes]:
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no checkpoint at {shown!r}; save one with lf.save(path, params)") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{shown!r} is {_file_kind(st.st_mode)}, not a checkpoint file; pass the path of a "
-                         f".safetensors file written by lf.save")
+        raise ValueError(
+            f"{shown!r} is {_file_kind(st.st_mode)}, not a checkpoint file; pass the path of a "
+            f".safetensors file written by lf.save"
+        )
     # O_NONBLOCK: should the path have become a FIFO since the stat, opening it must not hang
     fd = os.open(shown, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{shown!r} is {_file_kind(st.st_mode)}, not a checkpoint file; pass the path of a "
-                             f".safetensors file written by lf.save")
+            raise ValueError(
+                f"{shown!r} is {_file_kind(st.st_mode)}, not a checkpoint file; pass the path of a "
+                f".safetensors file written by lf.save"
+            )
         return shown, f.read()
 
 
@@ -357,14 +386,18 @@ def _header(shown: str, blob: bytes) -> tuple[dict, dict[str, str]]:
     """(tensor entries, metadata) from the safetensors header: 8-byte little-endian length + JSON."""
     if len(blob) < 8:
         what = "empty" if not blob else f"only {len(blob)} bytes long"
-        raise _Damaged(f"{shown!r} is not a safetensors file: it is {what} (a safetensors file starts with an 8-byte "
-                       f"header length); save checkpoints with lf.save")
+        raise _Damaged(
+            f"{shown!r} is not a safetensors file: it is {what} (a safetensors file starts with an 8-byte "
+            f"header length); save checkpoints with lf.save"
+        )
     n = int.from_bytes(blob[:8], "little")
     if n > len(blob) - 8:
-        raise _Damaged(f"{shown!r} is truncated or corrupt: its header length field says {n} bytes but only "
-                       f"{len(blob) - 8} bytes follow; the file is damaged — save it again with lf.save")
+        raise _Damaged(
+            f"{shown!r} is truncated or corrupt: its header length field says {n} bytes but only "
+            f"{len(blob) - 8} bytes follow; the file is damaged — save it again with lf.save"
+        )
     try:
-        text = blob[8:8 + n].decode("utf-8")
+        text = blob[8 : 8 + n].decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Damaged(f"{shown!r} has a corrupt safetensors header: not UTF-8 ({e}); the file is damaged") from None
     try:
@@ -372,21 +405,29 @@ def _header(shown: str, blob: bytes) -> tuple[dict, dict[str, str]]:
     except (ValueError, RecursionError) as e:
         raise _Damaged(f"{shown!r} has a corrupt safetensors header: not valid JSON ({e}); the file is damaged") from None
     if not isinstance(header, dict):
-        raise _Damaged(f"{shown!r} has a corrupt safetensors header: a JSON {type(header).__name__}, expected an object "
-                       f"{{tensor name: {{dtype, shape, data_offsets}}}}; the file is damaged")
+        raise _Damaged(
+            f"{shown!r} has a corrupt safetensors header: a JSON {type(header).__name__}, expected an object "
+            f"{{tensor name: {{dtype, shape, data_offsets}}}}; the file is damaged"
+        )
     meta = header.pop("__metadata__", None)
     if meta is None:
-        raise _Damaged(f"{shown!r} is a safetensors file without lite_fn metadata, not a lite_fn checkpoint; lf.load reads "
-                       f"files written by lf.save (read other safetensors files with safetensors.torch.load_file)")
+        raise _Damaged(
+            f"{shown!r} is a safetensors file without lite_fn metadata, not a lite_fn checkpoint; lf.load reads "
+            f"files written by lf.save (read other safetensors files with safetensors.torch.load_file)"
+        )
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise _Damaged(f"{shown!r} has corrupt metadata: safetensors metadata must map strings to strings; the file is damaged")
     if meta.get("format") != _FORMAT:
-        raise _Damaged(f"{shown!r} is not a lite_fn checkpoint (metadata format {meta.get('format')!r}, expected "
-                       f"{_FORMAT!r}); write it with lf.save")
+        raise _Damaged(
+            f"{shown!r} is not a lite_fn checkpoint (metadata format {meta.get('format')!r}, expected "
+            f"{_FORMAT!r}); write it with lf.save"
+        )
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
-        raise _Damaged(f"{shown!r} is damaged or was not written by this lite_fn: its metadata lacks {missing} "
-                       f"(has {sorted(meta)}); save it again with lf.save")
+        raise _Damaged(
+            f"{shown!r} is damaged or was not written by this lite_fn: its metadata lacks {missing} "
+            f"(has {sorted(meta)}); save it again with lf.save"
+        )
     return header, meta
 
 
@@ -394,26 +435,37 @@ def _check_layout(shown: str, blob: bytes, header: dict, tensors: dict[str, torc
     """Every tensor has its own bytes: intervals sorted by offset tile the data region exactly
     (no overlap, no gap, no trailing bytes), each as long as its dtype and shape need."""
     if header.keys() != tensors.keys():
-        raise _Damaged(f"{shown!r} is damaged: header tensors {sorted(header.keys() ^ tensors.keys())} disagree with what safetensors read")
+        raise _Damaged(
+            f"{shown!r} is damaged: header tensors {sorted(header.keys() ^ tensors.keys())} disagree with what safetensors read"
+        )
     data_len = len(blob) - 8 - int.from_bytes(blob[:8], "little")
     spans = []
     for key, info in header.items():
         offs = info.get("data_offsets") if isinstance(info, dict) else None
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
-                or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise _Damaged(f"{shown!r} is damaged: tensor {key!r} has data_offsets {offs!r}, expected [start, end] within "
-                           f"the {data_len} data bytes")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+            or not 0 <= offs[0] <= offs[1] <= data_len
+        ):
+            raise _Damaged(
+                f"{shown!r} is damaged: tensor {key!r} has data_offsets {offs!r}, expected [start, end] within "
+                f"the {data_len} data bytes"
+            )
         t = tensors[key]
         if info.get("shape") != list(t.shape) or offs[1] - offs[0] != t.numel() * t.element_size():
-            raise _Damaged(f"{shown!r} is damaged: tensor {key!r} spans {offs[1] - offs[0]} bytes for shape "
-                           f"{info.get('shape')!r} {info.get('dtype')!r}")
+            raise _Damaged(
+                f"{shown!r} is damaged: tensor {key!r} spans {offs[1] - offs[0]} bytes for shape "
+                f"{info.get('shape')!r} {info.get('dtype')!r}"
+            )
         spans.append((offs[0], offs[1], key))
     at = 0
     for start, end, key in sorted(spans):
         if start != at:
             what = "overlaps the previous tensor" if start < at else f"leaves a gap of {start - at} bytes"
-            raise _Damaged(f"{shown!r} is damaged: tensor {key!r} at bytes [{start}, {end}) {what}; each tensor must "
-                           f"have its own bytes")
+            raise _Damaged(
+                f"{shown!r} is damaged: tensor {key!r} at bytes [{start}, {end}) {what}; each tensor must have its own bytes"
+            )
         at = end
     if at != data_len:
         raise _Damaged(f"{shown!r} is damaged: {data_len - at} trailing bytes after the last tensor")
@@ -429,28 +481,43 @@ def _keys_and_layers(shown: str, meta: dict[str, str], tensors: dict[str, torch.
         raise _Damaged(f"{shown!r} has corrupt metadata: 'keys' and 'layers' must be JSON objects; the file is damaged")
     if keys.keys() != tensors.keys():
         odd = sorted(keys.keys() ^ tensors.keys())
-        raise _Damaged(f"{shown!r} is damaged: tensors and the metadata's 'keys' disagree on {odd[:8]}"
-                       f"{' …' if len(odd) > 8 else ''}; save it again with lf.save")
+        raise _Damaged(
+            f"{shown!r} is damaged: tensors and the metadata's 'keys' disagree on {odd[:8]}"
+            f"{' …' if len(odd) > 8 else ''}; save it again with lf.save"
+        )
     for key, entry in keys.items():
-        if (not isinstance(entry, list) or len(entry) != 4 or not all(isinstance(x, str) for x in entry[:3])
-                or type(entry[3]) is not bool):
-            raise _Damaged(f"{shown!r} is damaged: metadata entry for {key!r} is {entry!r}, expected "
-                           f"[module_path, variant, leaf, trainable]")
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 4
+            or not all(isinstance(x, str) for x in entry[:3])
+            or type(entry[3]) is not bool
+        ):
+            raise _Damaged(
+                f"{shown!r} is damaged: metadata entry for {key!r} is {entry!r}, expected [module_path, variant, leaf, trainable]"
+            )
         mpath, name, leaf, _ = entry
         if key != f"{mpath}.{name}.{leaf}":
             raise _Damaged(f"{shown!r} is damaged: key {key!r} does not join its parts {entry[:3]!r}")
         if name not in variants.REGISTRY:
-            raise _Damaged(f"{shown!r} holds variant {name!r} (tensor {key!r}), which this lite_fn does not know; known "
-                           f"variants: {sorted(variants.REGISTRY)} (was it written by a newer lite_fn?)")
+            raise _Damaged(
+                f"{shown!r} holds variant {name!r} (tensor {key!r}), which this lite_fn does not know; known "
+                f"variants: {sorted(variants.REGISTRY)} (was it written by a newer lite_fn?)"
+            )
         layer = layers.get(mpath)
         if not isinstance(layer, dict) or layer.get("variant") != name:
-            raise _Damaged(f"{shown!r} is damaged: metadata 'layers' says {layer!r} for {mpath!r}, but tensor {key!r} "
-                           f"is a {name} leaf")
+            raise _Damaged(
+                f"{shown!r} is damaged: metadata 'layers' says {layer!r} for {mpath!r}, but tensor {key!r} is a {name} leaf"
+            )
     for mpath, layer in layers.items():
-        if (not isinstance(layer, dict) or not isinstance(layer.get("variant"), str)
-                or not (layer.get("config") is None or isinstance(layer.get("config"), dict))):
-            raise _Damaged(f"{shown!r} is damaged: metadata 'layers' entry for {mpath!r} is {layer!r}, expected "
-                           f"{{'variant': name, 'config': {{...}} or null}}")
+        if (
+            not isinstance(layer, dict)
+            or not isinstance(layer.get("variant"), str)
+            or not (layer.get("config") is None or isinstance(layer.get("config"), dict))
+        ):
+            raise _Damaged(
+                f"{shown!r} is damaged: metadata 'layers' entry for {mpath!r} is {layer!r}, expected "
+                f"{{'variant': name, 'config': {{...}} or null}}"
+            )
     return keys, layers
 
 
@@ -468,18 +535,24 @@ def _read_checkpoint(path) -> tuple[str, dict[str, str], dict, dict, dict[str, t
         except MemoryError:
             raise
         except Exception as e:
-            raise _Damaged(f"{shown!r} is corrupt: safetensors cannot read it ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from None
+            raise _Damaged(
+                f"{shown!r} is corrupt: safetensors cannot read it ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged"
+            ) from None
         for key, t in raw.items():
             if t.dtype not in _FROM.values():
-                raise _Damaged(f"{shown!r}: tensor {key!r} has dtype {t.dtype}, which lite_fn checkpoints do not hold; "
-                               f"the file is damaged or not written by lf.save")
+                raise _Damaged(
+                    f"{shown!r}: tensor {key!r} has dtype {t.dtype}, which lite_fn checkpoints do not hold; "
+                    f"the file is damaged or not written by lf.save"
+                )
         _check_layout(shown, blob, header, raw)
         keys, layers = _keys_and_layers(shown, meta, raw)
         if _checksum(meta, raw) != meta[_CHECKSUM]:
-            raise _Damaged(f"{shown!r} is damaged: checksum mismatch (its metadata records sha256 "
-                           f"{meta[_CHECKSUM][:16]!r}…, its contents hash differently); restore it from a good copy "
-                           f"or save it again")
+            raise _Damaged(
+                f"{shown!r} is damaged: checksum mismatch (its metadata records sha256 "
+                f"{meta[_CHECKSUM][:16]!r}…, its contents hash differently); restore it from a good copy "
+                f"or save it again"
+            )
     except (_Damaged, MemoryError):
         raise
     except Exception as e:
@@ -548,8 +621,11 @@ def load(path, *, model=None, device=None) -> dict:
 
 # ----------------------------------------------------------------------------- check_against
 def _dtype_problems(where: str, leaves: dict, W: torch.Tensor) -> list[str]:
-    return [f"{where}[{k!r}] has dtype {v.dtype} but the layer's weight is {W.dtype}; cast the params or the model to one dtype"
-            for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != W.dtype]
+    return [
+        f"{where}[{k!r}] has dtype {v.dtype} but the layer's weight is {W.dtype}; cast the params or the model to one dtype"
+        for k, v in leaves.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != W.dtype
+    ]
 
 
 def _layer_problems(layers: list, batch_dims: int) -> list[str]:
@@ -563,7 +639,9 @@ def _layer_problems(layers: list, batch_dims: int) -> list[str]:
             problems.append(str(e))
             problems += _dtype_problems(where, leaves, W)  # check_leaves stops at the shape problem
     if batch_dims and len(set(Ks.values())) > 1:
-        problems.append(f"stacked leaves hold different numbers of adapters per layer: {Ks}; stack whole params trees with lf.stack")
+        problems.append(
+            f"stacked leaves hold different numbers of adapters per layer: {Ks}; stack whole params trees with lf.stack"
+        )
     return problems
 
 
@@ -579,8 +657,10 @@ def check_against(model, params, source="params") -> None:
     from . import _layers
 
     if not isinstance(params, dict):
-        raise TypeError(f"params must be the dict returned by lf.init or lf.load ({{path: {{variant: {{leaf: Tensor}}}}}}), "
-                        f"got {type(params).__name__}")
+        raise TypeError(
+            f"params must be the dict returned by lf.init or lf.load ({{path: {{variant: {{leaf: Tensor}}}}}}), "
+            f"got {type(params).__name__}"
+        )
     modules = dict(model.named_modules())
     problems, layers = [], []
     for mpath, bv in params.items():
@@ -589,10 +669,11 @@ def check_against(model, params, source="params") -> None:
             problems.append(f"{mpath}: no such module in {type(model).__name__}" + (f" (similar paths: {near})" if near else ""))
             continue
         if not isinstance(bv, dict) or len(bv) != 1:
-            problems.append(f"params[{mpath!r}] must hold exactly one variant, got "
-                            f"{list(bv) if isinstance(bv, dict) else type(bv).__name__}")
+            problems.append(
+                f"params[{mpath!r}] must hold exactly one variant, got {list(bv) if isinstance(bv, dict) else type(bv).__name__}"
+            )
             continue
-        (name, leaves), = bv.items()
+        ((name, leaves),) = bv.items()
         if name not in variants.REGISTRY:
             problems.append(f"params[{mpath!r}]: unknown variant {name!r}; known variants: {sorted(variants.REGISTRY)}")
             continue
@@ -606,13 +687,22 @@ def check_against(model, params, source="params") -> None:
 
     reading = _layer_problems(layers, 0)
     stacked = False
-    if reading and layers and all(isinstance(v, torch.Tensor) and v.ndim >= 1 for *_, leaves, _ in layers
-                                  if isinstance(leaves, dict) for v in leaves.values()):
+    if (
+        reading
+        and layers
+        and all(
+            isinstance(v, torch.Tensor) and v.ndim >= 1
+            for *_, leaves, _ in layers
+            if isinstance(leaves, dict)
+            for v in leaves.values()
+        )
+    ):
         as_stacked = _layer_problems(layers, 1)
         if len(as_stacked) < len(reading):
             reading, stacked = as_stacked, True
     problems += reading
     if problems:
         how = " (read as stacked params with a leading adapter axis)" if stacked else ""
-        raise ValueError(f"{source} does not match {type(model).__name__}{how}; {len(problems)} problem(s):\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(
+            f"{source} does not match {type(model).__name__}{how}; {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+        )

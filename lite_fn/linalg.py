@@ -1,4 +1,5 @@
 """Shared linear algebra, written once and out of place so it runs under vmap / grad / compile."""
+
 from __future__ import annotations
 
 import math

@@ -67,6 +67,7 @@ the target and renamed into place (an existing adapter directory is swapped atom
 renameat2(RENAME_EXCHANGE) on Linux). Stacked params are refused (save ``lf.unstack`` entries one
 by one).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -100,23 +101,63 @@ _PREFIX = "base_model.model."
 _TYPES = ("LORA", "IA3", "HRA", "DELORA", "ROAD")
 
 # Fields that say nothing about what the loaded adapter computes in eval mode.
-_META = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                   "inference_mode"})
+_META = frozenset(
+    {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+)
 # Per peft type: fields read below, and fields safe to ignore (training-only or overridden by the file).
 _HANDLED = {
-    "LORA": {"r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-             "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init_lora_weights", "bias", "lora_bias",
-             "modules_to_save", "fan_in_fan_out"},
+    "LORA": {
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "use_dora",
+        "init_lora_weights",
+        "bias",
+        "lora_bias",
+        "modules_to_save",
+        "fan_in_fan_out",
+    },
     "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out"},
-    "HRA": {"r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "bias", "apply_GS",
-            "modules_to_save"},
-    "DELORA": {"r", "rank_pattern", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "bias",
-               "modules_to_save"},
+    "HRA": {
+        "r",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
+        "apply_GS",
+        "modules_to_save",
+    },
+    "DELORA": {
+        "r",
+        "rank_pattern",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
+        "modules_to_save",
+    },
     "ROAD": {"variant", "group_size", "target_modules", "modules_to_save"},
 }
 _IGNORED = {
-    "LORA": {"lora_dropout", "megatron_core", "qalora_group_size", "eva_config", "corda_config", "loftq_config",
-             "lora_ga_config", "ensure_weight_tying", "runtime_config"},
+    "LORA": {
+        "lora_dropout",
+        "megatron_core",
+        "qalora_group_size",
+        "eva_config",
+        "corda_config",
+        "loftq_config",
+        "lora_ga_config",
+        "ensure_weight_tying",
+        "runtime_config",
+    },
     "IA3": {"init_ia3_weights"},
     "HRA": {"init_weights"},
     "DELORA": {"init_weights", "delora_lambda", "lambda_pattern", "module_dropout"},
@@ -211,8 +252,10 @@ def _targeted(cfg: dict, targets, key: str) -> bool:
 def _target_paths(cfg: dict, model: nn.Module, where: str) -> list[str]:
     targets = cfg.get("target_modules")
     if targets is None:
-        raise ValueError(f"{where}: target_modules is null; lite_fn does not guess peft's per-architecture defaults — "
-                         f"set target_modules in adapter_config.json to the adapted module names")
+        raise ValueError(
+            f"{where}: target_modules is null; lite_fn does not guess peft's per-architecture defaults — "
+            f"set target_modules in adapter_config.json to the adapted module names"
+        )
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear(model, cfg)
     elif not isinstance(targets, (str, list)):
@@ -220,8 +263,9 @@ def _target_paths(cfg: dict, model: nn.Module, where: str) -> list[str]:
     try:
         return [p for p, _ in model.named_modules() if p and _targeted(cfg, targets, p)]
     except re.error as e:
-        raise ValueError(f"{where}: a regex in target_modules / exclude_modules / layers_pattern / modules_to_save does "
-                         f"not compile: {e}") from None
+        raise ValueError(
+            f"{where}: a regex in target_modules / exclude_modules / layers_pattern / modules_to_save does not compile: {e}"
+        ) from None
 
 
 def _pattern_key(keys, path: str) -> str | None:
@@ -255,16 +299,18 @@ def _adapter_dir(path, adapter_name: str | None) -> str:
     if not os.path.exists(shown):
         hint = ""
         if re.fullmatch(r"[\w.-]+/[\w.-]+", shown) and not shown.startswith("."):
-            hint = (f"; lite_fn reads local directories only — download a Hub adapter first, e.g. "
-                    f"huggingface_hub.snapshot_download({shown!r})")
+            hint = (
+                f"; lite_fn reads local directories only — download a Hub adapter first, e.g. "
+                f"huggingface_hub.snapshot_download({shown!r})"
+            )
         raise FileNotFoundError(f"no peft adapter at {shown!r}: the path does not exist{hint}")
     if not os.path.isdir(shown):
         base = os.path.basename(shown)
         if base in (_CONFIG, _WEIGHTS, _PICKLE):
-            raise ValueError(f"{shown!r} is a file; pass the adapter directory that holds it: "
-                             f"{os.path.dirname(shown) or '.'!r}")
-        raise ValueError(f"{shown!r} is not a directory; pass the directory peft's save_pretrained wrote "
-                         f"(it holds {_CONFIG} and {_WEIGHTS})")
+            raise ValueError(f"{shown!r} is a file; pass the adapter directory that holds it: {os.path.dirname(shown) or '.'!r}")
+        raise ValueError(
+            f"{shown!r} is not a directory; pass the directory peft's save_pretrained wrote (it holds {_CONFIG} and {_WEIGHTS})"
+        )
     root = os.path.isfile(os.path.join(shown, _CONFIG))
     try:
         entries = sorted(os.listdir(shown))
@@ -278,10 +324,14 @@ def _adapter_dir(path, adapter_name: str | None) -> str:
         if len(subs) == 1:
             return os.path.join(shown, subs[0])
         if subs:
-            raise ValueError(f"{shown!r} holds {len(subs)} peft adapters in subfolders {subs} and none at its top; "
-                             f"pass adapter_name= one of {subs}")
-        raise FileNotFoundError(f"{shown!r} holds no {_CONFIG} (nor subfolders with one), so it is not a peft adapter "
-                                f"directory; it contains {entries[:10]}")
+            raise ValueError(
+                f"{shown!r} holds {len(subs)} peft adapters in subfolders {subs} and none at its top; "
+                f"pass adapter_name= one of {subs}"
+            )
+        raise FileNotFoundError(
+            f"{shown!r} holds no {_CONFIG} (nor subfolders with one), so it is not a peft adapter "
+            f"directory; it contains {entries[:10]}"
+        )
     if not isinstance(adapter_name, str):
         raise TypeError(f"adapter_name must be a string (e.g. 'default'), got {type(adapter_name).__name__}")
     if adapter_name == "default" and root:
@@ -326,7 +376,8 @@ def _read_weights(folder: str) -> tuple[str, dict[str, Tensor]]:
                 f"If you trust it, convert it once to safetensors:\n"
                 f"    import torch; from safetensors.torch import save_file\n"
                 f"    sd = torch.load({pickle!r}, map_location='cpu', weights_only=True)\n"
-                f"    save_file({{k: v.contiguous() for k, v in sd.items()}}, {file!r})")
+                f"    save_file({{k: v.contiguous() for k, v in sd.items()}}, {file!r})"
+            )
         raise FileNotFoundError(f"{folder!r} has {_CONFIG} but no {_WEIGHTS}; it contains {sorted(os.listdir(folder))[:10]}")
     blob = _read_regular(file)
     try:
@@ -349,37 +400,48 @@ def _check_fields(cfg: dict, kind: str, where: str, model: nn.Module) -> None:
         raise ValueError(f"{where} sets {name}={value!r}, which lite_fn cannot reproduce: {why}")
     bias = cfg.get("bias", "none")
     if bias != "none":
-        raise ValueError(f"{where} sets bias={bias!r}: peft trained (and saved) the biases of the model, which lite_fn "
-                         f"adapters cannot hold; only bias='none' loads")
+        raise ValueError(
+            f"{where} sets bias={bias!r}: peft trained (and saved) the biases of the model, which lite_fn "
+            f"adapters cannot hold; only bias='none' loads"
+        )
     if cfg.get("lora_bias"):
-        raise ValueError(f"{where} sets lora_bias={cfg['lora_bias']!r}: a bias on lora_B has no lite_fn leaf; only "
-                         f"lora_bias=false loads")
+        raise ValueError(
+            f"{where} sets lora_bias={cfg['lora_bias']!r}: a bias on lora_B has no lite_fn leaf; only lora_bias=false loads"
+        )
     if cfg.get("apply_GS"):
-        raise ValueError(f"{where} sets apply_GS={cfg['apply_GS']!r}: lite_fn's HRA has no Gram-Schmidt form; only "
-                         f"apply_GS=false loads")
+        raise ValueError(
+            f"{where} sets apply_GS={cfg['apply_GS']!r}: lite_fn's HRA has no Gram-Schmidt form; only apply_GS=false loads"
+        )
     to_save = cfg.get("modules_to_save")
     if to_save:
         names = [to_save] if isinstance(to_save, str) else list(to_save)
         hit = [p for p, _ in model.named_modules() if p and any(p.endswith(m) for m in names)]
         if hit:
-            raise ValueError(f"{where} sets modules_to_save={to_save!r}, which matches {hit[:4]} of "
-                             f"{type(model).__name__}: peft trained full copies of those modules, which lite_fn "
-                             f"adapters cannot hold (pass their saved weights with lf.call(..., base=...) if you need them)")
+            raise ValueError(
+                f"{where} sets modules_to_save={to_save!r}, which matches {hit[:4]} of "
+                f"{type(model).__name__}: peft trained full copies of those modules, which lite_fn "
+                f"adapters cannot hold (pass their saved weights with lf.call(..., base=...) if you need them)"
+            )
 
 
 def _split_key(key: str, suffixes: tuple[str, ...], file: str, kind: str) -> tuple[str, str]:
     if not key.startswith(_PREFIX):
-        raise ValueError(f"{file!r}: tensor {key!r} does not start with {_PREFIX!r}; it is not a peft {kind} adapter "
-                         f"tensor (prompt-learning methods are not supported)")
-    rest = key[len(_PREFIX):]
+        raise ValueError(
+            f"{file!r}: tensor {key!r} does not start with {_PREFIX!r}; it is not a peft {kind} adapter "
+            f"tensor (prompt-learning methods are not supported)"
+        )
+    rest = key[len(_PREFIX) :]
     for s in suffixes:
         if rest.endswith("." + s):
             return rest[: -len(s) - 1], s
     if "trainable_tokens" in rest or "token_adapter" in rest:
-        raise ValueError(f"{file!r}: tensor {key!r} holds trainable tokens (trainable_token_indices), which lite_fn "
-                         f"cannot reproduce")
-    raise ValueError(f"{file!r}: tensor {key!r} is not a peft {kind} adapter tensor lite_fn knows "
-                     f"(expected names ending in {list(suffixes)}); it may be a modules_to_save copy or a newer format")
+        raise ValueError(
+            f"{file!r}: tensor {key!r} holds trainable tokens (trainable_token_indices), which lite_fn cannot reproduce"
+        )
+    raise ValueError(
+        f"{file!r}: tensor {key!r} is not a peft {kind} adapter tensor lite_fn knows "
+        f"(expected names ending in {list(suffixes)}); it may be a modules_to_save copy or a newer format"
+    )
 
 
 _SUFFIXES = {
@@ -401,30 +463,34 @@ _NEEDED = {
 def _init_kind(init, use_dora: bool, where: str) -> str:
     """'plain' or 'residual' (pissa/olora), or a ValueError naming init_lora_weights."""
     if any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS) or (
-            isinstance(init, str) and init.lower() in _PLAIN_INITS_ANY_CASE):
+        isinstance(init, str) and init.lower() in _PLAIN_INITS_ANY_CASE
+    ):
         return "plain"
     if init == "pissa" or (isinstance(init, str) and init.lower() == "olora"):
         if use_dora:
-            raise ValueError(f"{where} sets use_dora=True with init_lora_weights={init!r}: peft's DoRA then takes its norm "
-                             f"from the residual base weight, which lite_fn's DoRA (on the shared base) cannot; "
-                             f"only use_dora with a plain init loads")
+            raise ValueError(
+                f"{where} sets use_dora=True with init_lora_weights={init!r}: peft's DoRA then takes its norm "
+                f"from the residual base weight, which lite_fn's DoRA (on the shared base) cannot; "
+                f"only use_dora with a plain init loads"
+            )
         return "residual"
     why = {
         "pissa_niter": "peft's randomized SVD redraws its random sketch at every load (from torch's global RNG), so "
-                       "even peft does not reproduce the trained model; convert the adapter with peft's "
-                       "save_pretrained(path_initial_model_for_weight_conversion=...) to a plain LoRA",
+        "even peft does not reproduce the trained model; convert the adapter with peft's "
+        "save_pretrained(path_initial_model_for_weight_conversion=...) to a plain LoRA",
         "corda": "peft itself cannot load it without running preprocess_corda on data; convert the adapter with "
-                 "save_pretrained(path_initial_model_for_weight_conversion=...) to a plain LoRA",
+        "save_pretrained(path_initial_model_for_weight_conversion=...) to a plain LoRA",
         "loftq": "peft replaces the base weights by quantized ones at load; load the adapter onto the LoftQ base "
-                 "with init_lora_weights set to true instead",
+        "with init_lora_weights set to true instead",
     }
     key = next((k for k in why if isinstance(init, str) and init.lower().startswith(k)), None)
     reason = why[key] if key else f"lite_fn knows {list(_PLAIN_INITS + _PLAIN_INITS_ANY_CASE + _RESIDUAL_INITS)}"
     raise ValueError(f"{where} sets init_lora_weights={init!r}, which lite_fn cannot reproduce: {reason}")
 
 
-def _residual_factors(init: str, W: Tensor, r: int, alpha: float, use_rslora: bool, path: str, is_conv1d: bool,
-                      where: str) -> tuple[Tensor, Tensor, Tensor]:
+def _residual_factors(
+    init: str, W: Tensor, r: int, alpha: float, use_rslora: bool, path: str, is_conv1d: bool, where: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """(A0, B0, scale) of what peft's pissa_init / olora_init subtract from the base at load (fp32)."""
     if init == "pissa":
         if alpha <= 0:
@@ -432,8 +498,10 @@ def _residual_factors(init: str, W: Tensor, r: int, alpha: float, use_rslora: bo
         p = pissa_variant.init(0, W.detach(), pissa_variant.PiSSAConfig(r=r, alpha=alpha, use_rslora=use_rslora))
         return p["A0"], p["B0"], p["scale"]
     if is_conv1d:
-        raise ValueError(f"{where} sets init_lora_weights='olora' on the Conv1D layer {path!r}: peft's olora_init takes "
-                         f"the QR of the stored (d_in, d_out) weight, which lite_fn does not reproduce")
+        raise ValueError(
+            f"{where} sets init_lora_weights='olora' on the Conv1D layer {path!r}: peft's olora_init takes "
+            f"the QR of the stored (d_in, d_out) weight, which lite_fn does not reproduce"
+        )
     Q, R = torch.linalg.qr(W.detach().to(torch.float32))  # peft olora_init: W = QR, B0 = Q[:, :r], A0 = R[:r]
     scale = torch.tensor(alpha / (math.sqrt(r) if use_rslora else r), dtype=W.dtype, device=W.device)
     return R[:r].contiguous().to(W.dtype), Q[:, :r].contiguous().to(W.dtype), scale
@@ -479,8 +547,10 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
     where = f"peft config {cfg_file!r}"
     kind = cfg.get("peft_type")
     if kind not in _TYPES:
-        raise ValueError(f"{where} has peft_type={kind!r}; lite_fn reads {list(_TYPES)} (LoRA incl. rsLoRA/DoRA/PiSSA/"
-                         f"OLoRA/EVA, IA3, HRA, DeLoRA, RoAd)")
+        raise ValueError(
+            f"{where} has peft_type={kind!r}; lite_fn reads {list(_TYPES)} (LoRA incl. rsLoRA/DoRA/PiSSA/"
+            f"OLoRA/EVA, IA3, HRA, DeLoRA, RoAd)"
+        )
     _check_fields(cfg, kind, where, model)
     weights_file, tensors = _read_weights(folder)
 
@@ -499,8 +569,10 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
             parts.append(f"tensors for modules the config does not target in {type(model).__name__}: {extra[:6]}")
         if missing:
             parts.append(f"no tensors for targeted modules {missing[:6]}")
-        raise ValueError(f"{weights_file!r} and {where} disagree for {type(model).__name__} (is this the model the adapter "
-                         f"was trained for?): {'; '.join(parts)}")
+        raise ValueError(
+            f"{weights_file!r} and {where} disagree for {type(model).__name__} (is this the model the adapter "
+            f"was trained for?): {'; '.join(parts)}"
+        )
 
     use_dora = bool(cfg.get("use_dora"))
     init = cfg.get("init_lora_weights", True)
@@ -517,9 +589,13 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
         absent = [s for s in need if s not in found]
         unexpected = [s for s in found if s not in need]
         if absent or unexpected:
-            raise ValueError(f"{weights_file!r}: module {mpath!r} " + "; ".join(
-                ([f"lacks tensor(s) {absent}"] if absent else []) +
-                ([f"has tensor(s) {unexpected} that use_dora={use_dora} does not use"] if unexpected else [])))
+            raise ValueError(
+                f"{weights_file!r}: module {mpath!r} "
+                + "; ".join(
+                    ([f"lacks tensor(s) {absent}"] if absent else [])
+                    + ([f"has tensor(s) {unexpected} that use_dora={use_dora} does not use"] if unexpected else [])
+                )
+            )
         W = layer_kind.dense(module.weight)  # type: ignore[arg-type]
         params[mpath] = dict([_LEAVES[kind](ctx, mpath, found, W, layer_kind.name)])
     io.check_against(model, params, source=f"peft adapter {folder!r}")
@@ -531,12 +607,15 @@ def _refuse_foreign_tensors(tensors: dict[str, Tensor], file: str) -> None:
     emb = [k for k in tensors if ".lora_embedding_" in k]
     if emb:
         target = emb[0].removeprefix(_PREFIX).split(".lora_embedding_")[0]
-        raise ValueError(f"{file!r}: tensor {emb[0]!r} is a LoRA on an embedding layer (target {target!r}); lite_fn adapts "
-                         f"nn.Linear and Conv1D layers only")
+        raise ValueError(
+            f"{file!r}: tensor {emb[0]!r} is a LoRA on an embedding layer (target {target!r}); lite_fn adapts "
+            f"nn.Linear and Conv1D layers only"
+        )
     base = [k for k in tensors if ".base_layer." in k]
     if base:
-        raise ValueError(f"{file!r} holds base-model weights ({base[:3]}; peft's save_embedding_layers), which a lite_fn "
-                         f"adapter cannot hold")
+        raise ValueError(
+            f"{file!r} holds base-model weights ({base[:3]}; peft's save_embedding_layers), which a lite_fn adapter cannot hold"
+        )
 
 
 class _Ctx(NamedTuple):
@@ -558,16 +637,20 @@ def _rank(ctx: _Ctx, path: str, r_file: int, what: str) -> int:
     """The file's rank, which must be the config's (rank_pattern, else r) for this path."""
     r = _pattern_value(ctx.cfg.get("rank_pattern") or {}, ctx.cfg.get("r", 8), path)
     if r_file != r:
-        raise ValueError(f"{ctx.file!r}: {path}.{what} has rank {r_file} but {ctx.where} gives r={r} for it "
-                         f"(rank_pattern / r); the files do not belong together")
+        raise ValueError(
+            f"{ctx.file!r}: {path}.{what} has rank {r_file} but {ctx.where} gives r={r} for it "
+            f"(rank_pattern / r); the files do not belong together"
+        )
     return r
 
 
 def _lora_leaves(ctx: _Ctx, path: str, found: dict, W: Tensor, kind_name: str) -> tuple[str, dict]:
     A, B = found["lora_A.weight"], found["lora_B.weight"]
     if A.ndim != 2:
-        raise ValueError(f"{ctx.file!r}: {path}.lora_A.weight has shape {tuple(A.shape)}; lite_fn adapts linear layers "
-                         f"only (a 4-D factor is a Conv2d LoRA)")
+        raise ValueError(
+            f"{ctx.file!r}: {path}.lora_A.weight has shape {tuple(A.shape)}; lite_fn adapts linear layers "
+            f"only (a 4-D factor is a Conv2d LoRA)"
+        )
     r = _rank(ctx, path, A.shape[0], "lora_A.weight")
     alpha = _pattern_value(ctx.cfg.get("alpha_pattern") or {}, ctx.cfg.get("lora_alpha", 8), path)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
@@ -581,8 +664,10 @@ def _lora_leaves(ctx: _Ctx, path: str, found: dict, W: Tensor, kind_name: str) -
         return "lora", leaves
     init = str(ctx.cfg.get("init_lora_weights"))
     if W.is_meta:
-        raise ValueError(f"{ctx.where} sets init_lora_weights={init!r}: its frozen factors come from the base weights, "
-                         f"but {path}.weight is on the meta device; load the model's weights first")
+        raise ValueError(
+            f"{ctx.where} sets init_lora_weights={init!r}: its frozen factors come from the base weights, "
+            f"but {path}.weight is on the meta device; load the model's weights first"
+        )
     A0, B0, s = _residual_factors(init, W, r, alpha, rslora, path, kind_name == "Conv1D", ctx.where)
     return "pissa", {**leaves, "scale": s, "A0": A0, "B0": B0}
 
@@ -592,8 +677,10 @@ def _ia3_leaves(ctx: _Ctx, path: str, found: dict, W: Tensor, kind_name: str) ->
     ff = _is_feedforward(ctx.cfg, path)
     want = (1, W.shape[1]) if ff else (W.shape[0], 1)
     if tuple(g.shape) != want:
-        raise ValueError(f"{ctx.file!r}: {path}.ia3_l has shape {tuple(g.shape)}, but {path!r} is {'' if ff else 'not '}in "
-                         f"feedforward_modules={ctx.cfg.get('feedforward_modules')!r}, so peft expects {want}")
+        raise ValueError(
+            f"{ctx.file!r}: {path}.ia3_l has shape {tuple(g.shape)}, but {path!r} is {'' if ff else 'not '}in "
+            f"feedforward_modules={ctx.cfg.get('feedforward_modules')!r}, so peft expects {want}"
+        )
     return ("ia3_ff" if ff else "ia3"), {"g": _leaf(g, W, (-1,))}
 
 
@@ -612,8 +699,12 @@ def _delora_leaves(ctx: _Ctx, path: str, found: dict, W: Tensor, kind_name: str)
     _rank(ctx, path, A.shape[0], "delora_A")
     if lam.numel() != 1:
         raise ValueError(f"{ctx.file!r}: {path}.delora_lambda has shape {tuple(lam.shape)}, expected (1,)")
-    return "delora", {"A": _leaf(A, W), "B": _leaf(found["delora_B"], W), "lam": _leaf(lam, W, ()),
-                      "wnorm": _leaf(found["delora_w_norm"], W)}
+    return "delora", {
+        "A": _leaf(A, W),
+        "B": _leaf(found["delora_B"], W),
+        "lam": _leaf(lam, W, ()),
+        "wnorm": _leaf(found["delora_w_norm"], W),
+    }
 
 
 def _road_leaves(ctx: _Ctx, path: str, found: dict, W: Tensor, kind_name: str) -> tuple[str, dict]:
@@ -626,8 +717,10 @@ def _road_leaves(ctx: _Ctx, path: str, found: dict, W: Tensor, kind_name: str) -
     shape = {"road_1": (G, 1, h), "road_2": (G, 2, h), "road_4": (G, 2, 2, h)}[variant]  # peft's flat order, reshaped
     for k in ("road_theta", "road_alpha"):
         if found[k].numel() != math.prod(shape):
-            raise ValueError(f"{ctx.file!r}: {path}.{k} has {found[k].numel()} entries, but {variant} with "
-                             f"group_size={gs} on d_out={d_out} has {math.prod(shape)}")
+            raise ValueError(
+                f"{ctx.file!r}: {path}.{k} has {found[k].numel()} entries, but {variant} with "
+                f"group_size={gs} on d_out={d_out} has {math.prod(shape)}"
+            )
     return "road", {"theta": _leaf(found["road_theta"], W, shape), "alpha": _leaf(found["road_alpha"], W, shape)}
 
 
@@ -701,9 +794,14 @@ def _target_spec(paths: list[str], model: nn.Module, cfg: dict) -> list[str] | s
 def _peft_config(kind: str, targets: list[str], model: nn.Module, **fields) -> dict:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
-    cfg = {"peft_type": kind, "task_type": None, "base_model_name_or_path": name or None, "inference_mode": True,
-           "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
-           "modules_to_save": None}
+    cfg = {
+        "peft_type": kind,
+        "task_type": None,
+        "base_model_name_or_path": name or None,
+        "inference_mode": True,
+        "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+        "modules_to_save": None,
+    }
     if kind != "ROAD":
         cfg["exclude_modules"] = None
     cfg.update(fields)
@@ -712,8 +810,16 @@ def _peft_config(kind: str, targets: list[str], model: nn.Module, **fields) -> d
 
 
 _GROUPS = {  # lite_fn variants that one peft adapter can hold together, and the peft type they become
-    "lora": "LORA", "eva": "LORA", "pissa": "LORA", "antipasto": "LORA", "dora": "LORA (use_dora)",
-    "ia3": "IA3", "ia3_ff": "IA3", "hra": "HRA", "delora": "DELORA", "road": "ROAD",
+    "lora": "LORA",
+    "eva": "LORA",
+    "pissa": "LORA",
+    "antipasto": "LORA",
+    "dora": "LORA (use_dora)",
+    "ia3": "IA3",
+    "ia3_ff": "IA3",
+    "hra": "HRA",
+    "delora": "DELORA",
+    "road": "ROAD",
 }
 
 
@@ -726,7 +832,7 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     layers = []  # (path, variant name, leaves, W, kind name)
     stacked = []
     for path, bv in params.items():
-        (name, leaves), = bv.items()
+        ((name, leaves),) = bv.items()
         module = modules[path]
         lk = _layers.kind_of(module, path)
         W = lk.dense(module.weight)  # type: ignore[arg-type]
@@ -736,9 +842,11 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             stacked.append(path)
         layers.append((path, name, leaves, W, lk.name))
     if stacked:
-        raise ValueError(f"save_peft: params are stacked (a leading adapter axis on every leaf, e.g. at {stacked[0]!r}); "
-                         f"a peft directory holds one adapter. Save each one: "
-                         f"for k, p in enumerate(lf.unstack(stacked)): lf.save_peft(f'{{path}}/{{k}}', p, model=model)")
+        raise ValueError(
+            f"save_peft: params are stacked (a leading adapter axis on every leaf, e.g. at {stacked[0]!r}); "
+            f"a peft directory holds one adapter. Save each one: "
+            f"for k, p in enumerate(lf.unstack(stacked)): lf.save_peft(f'{{path}}/{{k}}', p, model=model)"
+        )
     groups = {}
     for path, name, *_ in layers:
         if name not in _GROUPS:
@@ -746,9 +854,11 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         groups.setdefault(_GROUPS[name], []).append((name, path))
     if len(groups) > 1:
         desc = "; ".join(f"{g}: {sorted({n for n, _ in v})} (e.g. {v[0][1]!r})" for g, v in groups.items())
-        raise ValueError(f"save_peft: these params mix variants that one peft adapter cannot hold together — {desc}. "
-                         f"Save each group to its own directory (e.g. {{p: v for p, v in params.items() if "
-                         f"next(iter(v)) == 'ia3'}})")
+        raise ValueError(
+            f"save_peft: these params mix variants that one peft adapter cannot hold together — {desc}. "
+            f"Save each group to its own directory (e.g. {{p: v for p, v in params.items() if "
+            f"next(iter(v)) == 'ia3'}})"
+        )
     group = next(iter(groups))
     paths = [p for p, *_ in layers]
     conv1d = [p for p, *_, k in layers if k == "Conv1D"]
@@ -775,11 +885,24 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         alphas = rs if use_rslora else plain
         r = Counter(ranks[p] for p in paths).most_common(1)[0][0]
         alpha = Counter(alphas[p] for p in paths).most_common(1)[0][0]
-        cfg = _peft_config("LORA", paths, model, r=r, lora_alpha=alpha, use_rslora=use_rslora,
-                           use_dora=group.endswith("(use_dora)"), fan_in_fan_out=bool(conv1d), bias="none",
-                           lora_bias=False, lora_dropout=0.0, init_lora_weights=True,
-                           rank_pattern=_pattern_keys(ranks, r, paths), alpha_pattern=_pattern_keys(alphas, alpha, paths),
-                           layers_to_transform=None, layers_pattern=None)
+        cfg = _peft_config(
+            "LORA",
+            paths,
+            model,
+            r=r,
+            lora_alpha=alpha,
+            use_rslora=use_rslora,
+            use_dora=group.endswith("(use_dora)"),
+            fan_in_fan_out=bool(conv1d),
+            bias="none",
+            lora_bias=False,
+            lora_dropout=0.0,
+            init_lora_weights=True,
+            rank_pattern=_pattern_keys(ranks, r, paths),
+            alpha_pattern=_pattern_keys(alphas, alpha, paths),
+            layers_to_transform=None,
+            layers_pattern=None,
+        )
     elif group == "IA3":
         ff = []
         for path, name, leaves, _W, _ in layers:
@@ -792,17 +915,29 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             cfg["feedforward_modules"] = "(" + "|".join(re.escape(p) for p in sorted(ff)) + ")" if ff else []
     else:
         if conv1d:
-            raise ValueError(f"save_peft: peft's {group} adapts torch.nn.Linear only, but {conv1d[:3]} are Conv1D layers; "
-                             f"peft could not load this adapter")
+            raise ValueError(
+                f"save_peft: peft's {group} adapts torch.nn.Linear only, but {conv1d[:3]} are Conv1D layers; "
+                f"peft could not load this adapter"
+            )
         if group == "HRA":
             rs = {p: leaves["U"].shape[0] for p, _, leaves, *_ in layers}
             if len(set(rs.values())) > 1:
-                raise ValueError(f"save_peft: peft's HRA has one r for all layers (no rank_pattern), but these HRA layers "
-                                 f"have ranks {sorted(set(rs.values()))} (e.g. {next(iter(rs.items()))})")
+                raise ValueError(
+                    f"save_peft: peft's HRA has one r for all layers (no rank_pattern), but these HRA layers "
+                    f"have ranks {sorted(set(rs.values()))} (e.g. {next(iter(rs.items()))})"
+                )
             for path, _, leaves, *_ in layers:
                 put(path, "hra_u", leaves["U"].detach().T)
-            cfg = _peft_config("HRA", paths, model, r=next(iter(rs.values())), apply_GS=False, bias="none",
-                               layers_to_transform=None, layers_pattern=None)
+            cfg = _peft_config(
+                "HRA",
+                paths,
+                model,
+                r=next(iter(rs.values())),
+                apply_GS=False,
+                bias="none",
+                layers_to_transform=None,
+                layers_pattern=None,
+            )
         elif group == "DELORA":
             ranks, lams = {}, []
             for path, _, leaves, *_ in layers:
@@ -813,9 +948,19 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
                 ranks[path] = leaves["A"].shape[0]
                 lams.append(_nice(float(leaves["lam"].detach())))
             r = Counter(ranks.values()).most_common(1)[0][0]
-            cfg = _peft_config("DELORA", paths, model, r=r, rank_pattern=_pattern_keys(ranks, r, paths),
-                               delora_lambda=Counter(lams).most_common(1)[0][0], lambda_pattern={}, module_dropout=0.0,
-                               bias="none", layers_to_transform=None, layers_pattern=None)
+            cfg = _peft_config(
+                "DELORA",
+                paths,
+                model,
+                r=r,
+                rank_pattern=_pattern_keys(ranks, r, paths),
+                delora_lambda=Counter(lams).most_common(1)[0][0],
+                lambda_pattern={},
+                module_dropout=0.0,
+                bias="none",
+                layers_to_transform=None,
+                layers_pattern=None,
+            )
         else:  # ROAD: one variant and group size for the whole adapter
             forms = {}
             for path, _, leaves, *_ in layers:
@@ -826,13 +971,17 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
                 put(path, "road_alpha", leaves["alpha"].detach().reshape(-1))
             if len(set(forms.values())) > 1:
                 seen = {f: p for p, f in forms.items()}
-                raise ValueError("save_peft: peft's RoAd has one variant and group_size per adapter, but these layers use "
-                                 + ", ".join(f"{v} group_size={g} (e.g. {p!r})" for (v, g), p in seen.items()))
+                raise ValueError(
+                    "save_peft: peft's RoAd has one variant and group_size per adapter, but these layers use "
+                    + ", ".join(f"{v} group_size={g} (e.g. {p!r})" for (v, g), p in seen.items())
+                )
             variant, gs = next(iter(forms.values()))
             cfg = _peft_config("ROAD", paths, model, variant=variant, group_size=gs)
     got = _target_paths(cfg, model, "save_peft")
     if sorted(got) != sorted(paths):  # never write a config that targets other modules than the tensors
-        raise AssertionError(f"save_peft: target_modules {cfg['target_modules']!r} selects {got}, not {paths}")  # pragma: no cover
+        raise AssertionError(
+            f"save_peft: target_modules {cfg['target_modules']!r} selects {got}, not {paths}"
+        )  # pragma: no cover
     return cfg, tensors
 
 
@@ -933,8 +1082,9 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
     if not base:
         raise ValueError(f"save_peft: {shown!r} names no directory to write")
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot save to {shown!r}: its parent directory {folder!r} does not exist; create it first "
-                                f"(os.makedirs)")
+        raise FileNotFoundError(
+            f"cannot save to {shown!r}: its parent directory {folder!r} does not exist; create it first (os.makedirs)"
+        )
     umask = io._umask()
     try:
         st = os.stat(target)
@@ -942,16 +1092,20 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
         st = None
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
-            raise ValueError(f"cannot save to {shown!r}: it is {io._file_kind(st.st_mode)}, not a directory; pass a new "
-                             f"or existing adapter directory")
+            raise ValueError(
+                f"cannot save to {shown!r}: it is {io._file_kind(st.st_mode)}, not a directory; pass a new "
+                f"or existing adapter directory"
+            )
         others = sorted(set(os.listdir(target)) - _OURS)
         if others:
-            raise ValueError(f"cannot save to {shown!r}: the directory holds {others[:6]} besides peft adapter files; "
-                             f"save_peft replaces the whole directory and will not delete them — use a new directory")
+            raise ValueError(
+                f"cannot save to {shown!r}: the directory holds {others[:6]} besides peft adapter files; "
+                f"save_peft replaces the whole directory and will not delete them — use a new directory"
+            )
     dir_mode = stat.S_IMODE(st.st_mode) if st is not None else 0o777 & ~umask
 
     _remove_stale(folder, base)
-    tmp = os.path.join(folder, f".{base[:io._TMP_NAME_MAX]}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+    tmp = os.path.join(folder, f".{base[: io._TMP_NAME_MAX]}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
     os.mkdir(tmp, 0o700)
     try:
         _write_file(os.path.join(tmp, _WEIGHTS), blob, 0o666 & ~umask)
@@ -963,7 +1117,7 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
         elif _exchange(tmp, target):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old adapter
         else:  # no atomic exchange here: move the old one aside, then the new one in (a short window without either)
-            old = os.path.join(folder, f".{base[:io._TMP_NAME_MAX]}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+            old = os.path.join(folder, f".{base[: io._TMP_NAME_MAX]}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
             os.rename(target, old)
             try:
                 os.rename(tmp, target)

@@ -4,6 +4,7 @@ Params at model level are plain nested dicts, ``params[module_path][variant_name
 Nothing here branches on a variant's name: a variant is looked up in the registry and used
 through its ``init`` / ``apply`` (and, for data-driven ones, ``stat`` / ``plan``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,6 @@ from . import _base, _checks, _inject, _keys, _layers, linalg, variants
 from ._contract import VariantSpec
 from .calibration import collect as collect_statistics
 from .trees import Params, _declared, _functorch_wrapped, tree_map
-
 
 # Output heads and embedding-like names never targeted by default.
 _DEFAULT_EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|score|classifier|pooler\.dense|cls\..*)$")
@@ -49,8 +49,11 @@ def target_paths(model: nn.Module, targets: str | Sequence[str] | None = None) -
     modules = dict(model.named_modules())
     if targets is None:
         head = getattr(model, "get_output_embeddings", lambda: None)()
-        paths = [p for p, m in modules.items() if (_layers.is_adaptable(m) or isinstance(m, nn.Linear)) and m is not head
-                 and not _DEFAULT_EXCLUDE.search(p)]
+        paths = [
+            p
+            for p, m in modules.items()
+            if (_layers.is_adaptable(m) or isinstance(m, nn.Linear)) and m is not head and not _DEFAULT_EXCLUDE.search(p)
+        ]
         if not paths:
             raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D layers to adapt; pass `targets` explicitly")
     else:
@@ -88,9 +91,17 @@ def _values(W) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- init
-def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | None = None,
-         calibration: Iterable | None = None, *, progress: bool | None = None, max_batches: int | None = None,
-         base: Mapping[str, Tensor] | None = None) -> Params:
+def init(
+    key: _keys.Key,
+    model: nn.Module,
+    cfg,
+    targets: str | Sequence[str] | None = None,
+    calibration: Iterable | None = None,
+    *,
+    progress: bool | None = None,
+    max_batches: int | None = None,
+    base: Mapping[str, Tensor] | None = None,
+) -> Params:
     """Adapter params for every targeted layer: ``{path: {variant: {leaf: Tensor}}}``.
 
     Each layer's key is ``fold_in(key, path)``, so a layer's params do not depend on which
@@ -130,8 +141,10 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
     weights = {p: _values(_current(modules[p], _layers.kind_of(modules[p], p), swap)).detach() for p in paths}
     meta = [p for p, W in weights.items() if W.is_meta]
     if meta:
-        raise ValueError(f"the weights of {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device (a skeleton or an "
-                         f"offloaded model): pass the weights with base={{name: tensor}} so init can read their values")
+        raise ValueError(
+            f"the weights of {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device (a skeleton or an "
+            f"offloaded model): pass the weights with base={{name: tensor}} so init can read their values"
+        )
     cfgs = {p: cfg for p in paths}
 
     stats = {}
@@ -140,13 +153,17 @@ def init(key: _keys.Key, model: nn.Module, cfg, targets: str | Sequence[str] | N
         stats = {p: s for p, s in stats.items() if s is not None}
     if stats:
         if calibration is None:
-            raise ValueError(f"{type(cfg).__name__} initialises from data: pass calibration=<iterable of model inputs> to lf.init")
+            raise ValueError(
+                f"{type(cfg).__name__} initialises from data: pass calibration=<iterable of model inputs> to lf.init"
+            )
         collect_statistics(model, stats, calibration, progress=progress, max_batches=max_batches, base=base)
         if variant.plan is not None:
             cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape) for p, W in weights.items()})
     elif calibration is not None:  # never ignore data the caller thought was used
-        raise ValueError(f"{cfg!r} does not use calibration data; drop calibration=… (or use a data-driven config, "
-                         f"e.g. EVAConfig or AntiPaSTOConfig(select='data'))")
+        raise ValueError(
+            f"{cfg!r} does not use calibration data; drop calibration=… (or use a data-driven config, "
+            f"e.g. EVAConfig or AntiPaSTOConfig(select='data'))"
+        )
 
     out: Params = {}
     for p in paths:
@@ -172,34 +189,48 @@ class _Entry(NamedTuple):
     leaves: dict[str, Tensor]
 
 
-def _entries(model: nn.Module, params: Params, swap: dict[int, Tensor], aliases: dict[int, list[str]],
-             batch_dims: int = 0) -> tuple[list[_Entry], int | None]:
+def _entries(
+    model: nn.Module, params: Params, swap: dict[int, Tensor], aliases: dict[int, list[str]], batch_dims: int = 0
+) -> tuple[list[_Entry], int | None]:
     """Every layer of ``params``, checked against the model (paths, layer types, ties, exact leaves)."""
     if not isinstance(params, dict):
-        raise TypeError(f"params must be the dict returned by lf.init ({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}")
+        raise TypeError(
+            f"params must be the dict returned by lf.init ({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}"
+        )
     entries, Ks = [], {}
     for path, by_variant in params.items():
         try:
             module = model.get_submodule(path)  # per path: no walk over the whole model each call
         except AttributeError:
             near = difflib.get_close_matches(path, [p for p, _ in model.named_modules()], n=3)
-            raise KeyError(f"params path {path!r} is not a module of {type(model).__name__}" + (f"; similar paths: {near}" if near else "")) from None
+            raise KeyError(
+                f"params path {path!r} is not a module of {type(model).__name__}" + (f"; similar paths: {near}" if near else "")
+            ) from None
         if not isinstance(by_variant, dict) or len(by_variant) != 1:
-            raise ValueError(f"params[{path!r}] must hold exactly one variant, got {list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}")
-        (name, leaves), = by_variant.items()
+            raise ValueError(
+                f"params[{path!r}] must hold exactly one variant, got {list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}"
+            )
+        ((name, leaves),) = by_variant.items()
         kind = _layers.kind_of(module, path)
-        tied = [n for n in aliases.get(id(module.weight), []) if n.rsplit(".", 1)[0] != path
-                and _layers.is_adaptable(model.get_submodule(n.rsplit(".", 1)[0]))]
+        tied = [
+            n
+            for n in aliases.get(id(module.weight), [])
+            if n.rsplit(".", 1)[0] != path and _layers.is_adaptable(model.get_submodule(n.rsplit(".", 1)[0]))
+        ]
         if tied:
-            raise ValueError(f"{path}.weight is tied to {tied} of another linear layer, so an adapter on {path!r} cannot be "
-                             f"told apart from it; untie them (give {path!r} its own weight) before adapting")
+            raise ValueError(
+                f"{path}.weight is tied to {tied} of another linear layer, so an adapter on {path!r} cannot be "
+                f"told apart from it; untie them (give {path!r} its own weight) before adapting"
+            )
         variant = variants.get(name)
         Ks[path] = _checks.check_leaves(f"params[{path!r}][{name!r}]", variant, leaves, _current(module, kind, swap), batch_dims)
         entries.append(_Entry(path, module, kind, variant, leaves))
     K = None
     if batch_dims:
         if len(set(Ks.values())) > 1:
-            raise ValueError(f"stacked params hold different numbers of adapters per layer: {Ks}; stack whole params trees with lf.stack")
+            raise ValueError(
+                f"stacked params hold different numbers of adapters per layer: {Ks}; stack whole params trees with lf.stack"
+            )
         K = next(iter(Ks.values()), None)
     return entries, K
 
@@ -210,15 +241,19 @@ def _check_route(route, K: int | None) -> Tensor:
     if not isinstance(route, Tensor):
         raise TypeError(f"route must be a 1-D integer tensor of adapter indices, got {type(route).__name__}")
     if route.dtype == torch.bool or route.is_floating_point() or route.is_complex() or route.ndim != 1:
-        raise ValueError(f"route must be a 1-D integer tensor of adapter indices (one per example), got shape "
-                         f"{tuple(route.shape)} dtype {route.dtype}" + ("; a boolean mask is not a route" if route.dtype == torch.bool else ""))
+        raise ValueError(
+            f"route must be a 1-D integer tensor of adapter indices (one per example), got shape "
+            f"{tuple(route.shape)} dtype {route.dtype}" + ("; a boolean mask is not a route" if route.dtype == torch.bool else "")
+        )
     if K is None:
         raise ValueError("route= needs stacked params (lf.stack([...])) with a leading adapter axis")
     if route.numel() and not torch.compiler.is_compiling() and not _functorch_wrapped(route):
         lo, hi = int(route.min()), int(route.max())
         if lo < 0 or hi >= K:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"route holds adapter index {bad}, but the stacked params hold {K} adapters; use indices in 0..{K - 1}")
+            raise ValueError(
+                f"route holds adapter index {bad}, but the stacked params hold {K} adapters; use indices in 0..{K - 1}"
+            )
     return route
 
 
@@ -235,8 +270,10 @@ def _routed(path: str, variant: VariantSpec, leaves: dict[str, Tensor], route: T
         elif N > 0 and N % B == 0:  # batch and sequence flattened before the layer: rows are example-major
             xs = x.reshape(B, N // B, *x.shape[1:])
         else:
-            raise ValueError(f"route has {B} entries but the input to {path} has shape {tuple(x.shape)}; its leading dimension "
-                             f"must be the batch (or batch × sequence, example-major); pass one adapter index per example")
+            raise ValueError(
+                f"route has {B} entries but the input to {path} has shape {tuple(x.shape)}; its leading dimension "
+                f"must be the batch (or batch × sequence, example-major); pass one adapter index per example"
+            )
         if isinstance(W, _layers.QuantizedWeight):  # the quantized kernel cannot run under vmap: one group per adapter
             y = _grouped(variant, leaves, route, xs, W, b, seed)
             return y if xs is x else y.reshape(N, *y.shape[2:])
@@ -247,11 +284,19 @@ def _routed(path: str, variant: VariantSpec, leaves: dict[str, Tensor], route: T
             noise = _noise(seed, xs)
             y = vmap(variant.apply, in_dims=(0, None, 0, None, 0))(per_example, W, xs, b, noise)
         return y if xs is x else y.reshape(N, *y.shape[2:])
+
     return handler
 
 
-def _grouped(variant: VariantSpec, leaves: dict[str, Tensor], route: Tensor, xs: Tensor, W: _layers.QuantizedWeight,
-             b: Tensor | None, seed: int | None) -> Tensor:
+def _grouped(
+    variant: VariantSpec,
+    leaves: dict[str, Tensor],
+    route: Tensor,
+    xs: Tensor,
+    W: _layers.QuantizedWeight,
+    b: Tensor | None,
+    seed: int | None,
+) -> Tensor:
     """Routed rows of a quantized layer: one ``apply`` per adapter present, on its own rows, with the
     layer's own output for those rows as the base product (its kernel cannot run under vmap)."""
     y = W._y  # the layer's output for its whole input, or None
@@ -289,9 +334,11 @@ def _checkpointing(model: nn.Module) -> bool:
 
 def _prepare(model, params, route, freeze_base, base, key=None):
     if torch.is_grad_enabled() and model.training and _checkpointing(model):
-        raise RuntimeError(f"{type(model).__name__} has gradient checkpointing on: it re-runs layers during backward, after "
-                           f"lf.call has returned, so their adapters would get no (or wrong) gradients. Turn it off with "
-                           f"model.gradient_checkpointing_disable() (or evaluate under torch.no_grad())")
+        raise RuntimeError(
+            f"{type(model).__name__} has gradient checkpointing on: it re-runs layers during backward, after "
+            f"lf.call has returned, so their adapters would get no (or wrong) gradients. Turn it off with "
+            f"model.gradient_checkpointing_disable() (or evaluate under torch.no_grad())"
+        )
     swap, aliases = _base.swap_map(model, base, freeze_base)
     entries, K = _entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
     if route is not None:
@@ -299,18 +346,30 @@ def _prepare(model, params, route, freeze_base, base, key=None):
     if key is not None:
         _keys.as_seed(key)  # a clear error for a bad key
         if not any("dropout" in e.leaves for e in entries):
-            raise ValueError("key= turns on adapter dropout, but no layer of params has a dropout rate; build them with "
-                             "e.g. lf.LoRAConfig(r=8, dropout=0.1), or drop key=")
+            raise ValueError(
+                "key= turns on adapter dropout, but no layer of params has a dropout rate; build them with "
+                "e.g. lf.LoRAConfig(r=8, dropout=0.1), or drop key="
+            )
     layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key)) for e in entries]
     return _inject.mode(layers, swap, freeze_base)
 
 
-_VMAP_HINT = ("\n\nlite_fn: this model's forward cannot run under torch.func.vmap (above). To evaluate K stacked adapters "
-              "without vmap, pass one adapter index per example: lf.call(model, stacked, x, route=route)")
+_VMAP_HINT = (
+    "\n\nlite_fn: this model's forward cannot run under torch.func.vmap (above). To evaluate K stacked adapters "
+    "without vmap, pass one adapter index per example: lf.call(model, stacked, x, route=route)"
+)
 
 
-def call(model: nn.Module, params: Params, *args, route: Tensor | None = None, freeze_base: bool = True,
-         base: Mapping[str, Tensor] | None = None, key: _keys.Key | None = None, **kwargs):
+def call(
+    model: nn.Module,
+    params: Params,
+    *args,
+    route: Tensor | None = None,
+    freeze_base: bool = True,
+    base: Mapping[str, Tensor] | None = None,
+    key: _keys.Key | None = None,
+    **kwargs,
+):
     """``model(*args, **kwargs)`` with the adapters in ``params`` applied; the model is untouched.
 
     Nothing is assigned to the model: a per-thread TorchFunctionMode answers each targeted
@@ -358,8 +417,15 @@ def call(model: nn.Module, params: Params, *args, route: Tensor | None = None, f
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, params: Params, *, route: Tensor | None = None, key: _keys.Key | None = None,
-            freeze_base: bool = True, base: Mapping[str, Tensor] | None = None) -> Iterator[None]:
+def applied(
+    model: nn.Module,
+    params: Params,
+    *,
+    route: Tensor | None = None,
+    key: _keys.Key | None = None,
+    freeze_base: bool = True,
+    base: Mapping[str, Tensor] | None = None,
+) -> Iterator[None]:
     """Every forward of ``model`` inside the block, on this thread, is adapted as ``call`` adapts one.
 
     So ``model.generate``, pipelines and evaluation harnesses run with adapters. Same guarantees
@@ -421,9 +487,11 @@ def merge(model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None
     for path, module, kind, variant, leaves in _entries(model, params, swap, aliases)[0]:
         names = aliases.get(id(module.weight), [])
         if len(names) > 1:
-            raise ValueError(f"{path}.weight is tied to {[n for n in names if n != path + '.weight']}: a merged "
-                             f"{path}.weight passed to functional_call would replace those too. Untie it first "
-                             f"(model.{path}.weight = nn.Parameter(model.{path}.weight.clone())) or use lf.call")
+            raise ValueError(
+                f"{path}.weight is tied to {[n for n in names if n != path + '.weight']}: a merged "
+                f"{path}.weight passed to functional_call would replace those too. Untie it first "
+                f"(model.{path}.weight = nn.Parameter(model.{path}.weight.clone())) or use lf.call"
+            )
         W = _values(_current(module, kind, swap))
         bias: Tensor | None = getattr(module, "bias", None)
         b = None if bias is None else swap.get(id(bias), bias).detach()

@@ -23,6 +23,7 @@ clipping (``torch.nn.utils.clip_grad_norm_`` takes one norm over all K) and lear
 optimizer's lr is one number per parameter tensor). Optimizers that are not element-wise
 (LAMB/LARS trust ratios, Shampoo, Muon) couple the K adapters and do not train them separately.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,14 @@ from . import io, runtime
 from .trees import Params, trainable, unstack
 
 
-def stacked_loss(model: nn.Module, loss_fn: Callable[..., Tensor] | None = None, *, base=None,
-                 chunk_size: int | None = None, randomness: str = "error") -> Callable[..., Tensor]:
+def stacked_loss(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor] | None = None,
+    *,
+    base=None,
+    chunk_size: int | None = None,
+    randomness: str = "error",
+) -> Callable[..., Tensor]:
     """``f(stacked, *batch, **kw) -> (K,)``: adapter k's loss on its own batch, all K adapters in one
     vmapped call of ``model``.
 
@@ -77,12 +84,15 @@ def stacked_loss(model: nn.Module, loss_fn: Callable[..., Tensor] | None = None,
         torch.Size([3])
         >>> losses.sum().backward()
     """
+
     def default(forward, *args, **kwargs):
         out = forward(*args, **kwargs)
         loss = getattr(out, "loss", None)
         if not isinstance(loss, Tensor):
-            raise TypeError(f"{type(model).__name__}'s output has no .loss; pass labels=... (a Hugging Face model) "
-                            f"or a loss_fn(forward, *batch, **kw) to lf.train.stacked_loss")
+            raise TypeError(
+                f"{type(model).__name__}'s output has no .loss; pass labels=... (a Hugging Face model) "
+                f"or a loss_fn(forward, *batch, **kw) to lf.train.stacked_loss"
+            )
         return loss
 
     per_adapter = default if loss_fn is None else loss_fn
@@ -90,11 +100,13 @@ def stacked_loss(model: nn.Module, loss_fn: Callable[..., Tensor] | None = None,
     def one(params, args, kwargs):
         def forward(*a, **k):
             return runtime.call(model, params, *a, **{"base": base, **k})
+
         return per_adapter(forward, *args, **kwargs)
 
     def losses(stacked: Params, *args, **kwargs) -> Tensor:
         arg_dims = pytree.tree_map(lambda v: 0 if isinstance(v, Tensor) else None, (args, kwargs))
         return vmap(one, in_dims=(0, *arg_dims), chunk_size=chunk_size, randomness=randomness)(stacked, args, kwargs)
+
     return losses
 
 
@@ -107,7 +119,9 @@ def _stacked_leaves(stacked, who: str) -> tuple[list[Tensor], int]:
     elif isinstance(stacked, Iterable):
         leaves = list(stacked)
     else:
-        raise TypeError(f"{who}: pass a stacked params tree (lf.stack) or an iterable of stacked tensors, got {type(stacked).__name__}")
+        raise TypeError(
+            f"{who}: pass a stacked params tree (lf.stack) or an iterable of stacked tensors, got {type(stacked).__name__}"
+        )
     if not leaves:
         raise ValueError(f"{who}: no leaves to work on; pass a stacked params tree (lf.stack) or its lf.trainable leaves")
     odd = [type(t).__name__ for t in leaves if not isinstance(t, Tensor)]
@@ -116,8 +130,10 @@ def _stacked_leaves(stacked, who: str) -> tuple[list[Tensor], int]:
     bad = [tuple(t.shape) for t in leaves if t.ndim == 0]
     sizes = {t.shape[0] for t in leaves if t.ndim}
     if bad or len(sizes) != 1:
-        raise ValueError(f"{who}: every leaf needs the same leading adapter axis K (lf.stack gives it); got leading sizes "
-                         f"{sorted(sizes)}" + (f" and leaves without one {bad[:3]}" if bad else ""))
+        raise ValueError(
+            f"{who}: every leaf needs the same leading adapter axis K (lf.stack gives it); got leading sizes "
+            f"{sorted(sizes)}" + (f" and leaves without one {bad[:3]}" if bad else "")
+        )
     return leaves, sizes.pop()
 
 
@@ -138,8 +154,9 @@ def _per_row(v: Tensor, ndim: int) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_per_adapter(stacked, max_norm: float | Sequence[float] | Tensor, norm_type: float = 2.0,
-                               error_if_nonfinite: bool = False) -> Tensor:
+def clip_grad_norm_per_adapter(
+    stacked, max_norm: float | Sequence[float] | Tensor, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` applied to each of the K stacked adapters on its own.
 
     Adapter k's norm is taken over slice k of every leaf's gradient, and only slice k is scaled:
@@ -183,8 +200,10 @@ def clip_grad_norm_per_adapter(stacked, max_norm: float | Sequence[float] | Tens
     total = torch.linalg.vector_norm(norms, norm_type, dim=0)
     if error_if_nonfinite and not bool(torch.isfinite(total).all()):
         bad = [k for k in range(K) if not math.isfinite(float(total[k]))]
-        raise RuntimeError(f"{who}: the gradient norms of adapters {bad} are not finite ({[float(total[k]) for k in bad]}), "
-                           f"so they cannot be clipped; pass error_if_nonfinite=False to clip anyway")
+        raise RuntimeError(
+            f"{who}: the gradient norms of adapters {bad} are not finite ({[float(total[k]) for k in bad]}), "
+            f"so they cannot be clipped; pass error_if_nonfinite=False to clip anyway"
+        )
     coef = (limit.to(device=device, dtype=total.dtype) / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(_per_row(coef, g.ndim))
@@ -192,8 +211,12 @@ def clip_grad_norm_per_adapter(stacked, max_norm: float | Sequence[float] | Tens
 
 
 @torch.no_grad()
-def lr_scaled_step(optimizer: torch.optim.Optimizer, stacked, lr_scale: float | Sequence[float] | Tensor,
-                   closure: Callable[[], Any] | None = None):
+def lr_scaled_step(
+    optimizer: torch.optim.Optimizer,
+    stacked,
+    lr_scale: float | Sequence[float] | Tensor,
+    closure: Callable[[], Any] | None = None,
+):
     """``optimizer.step()`` with adapter k's learning rate multiplied by ``lr_scale[k]``.
 
     The step moves each leaf from p to p'; adapter k keeps p + lr_scale[k]·(p' − p). For
@@ -233,8 +256,9 @@ def lr_scaled_step(optimizer: torch.optim.Optimizer, stacked, lr_scale: float | 
     return out
 
 
-def save_each(paths: str | os.PathLike | Sequence[str | os.PathLike], stacked: Params, *, config=None,
-              configs: Sequence | None = None) -> list[str]:
+def save_each(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], stacked: Params, *, config=None, configs: Sequence | None = None
+) -> list[str]:
     """Save each of the K stacked adapters as its own lite_fn checkpoint (``lf.unstack`` + ``lf.save``).
 
     Args:
@@ -265,13 +289,16 @@ def save_each(paths: str | os.PathLike | Sequence[str | os.PathLike], stacked: P
     if isinstance(paths, (str, os.PathLike)):
         pattern = os.fspath(paths)
         if "{k}" not in pattern:
-            raise ValueError(f"save_each: the path {pattern!r} has no '{{k}}' to number the {K} adapters; "
-                             f"e.g. 'adapter_{{k}}.safetensors', or pass a list of {K} paths")
+            raise ValueError(
+                f"save_each: the path {pattern!r} has no '{{k}}' to number the {K} adapters; "
+                f"e.g. 'adapter_{{k}}.safetensors', or pass a list of {K} paths"
+            )
         paths = [pattern.replace("{k}", str(k)) for k in range(K)]
     paths = [os.fspath(p) for p in paths]
     if len(paths) != K or len(set(paths)) != K:
-        raise ValueError(f"save_each: need {K} distinct paths for {K} stacked adapters, got {len(paths)} "
-                         f"({len(set(paths))} distinct)")
+        raise ValueError(
+            f"save_each: need {K} distinct paths for {K} stacked adapters, got {len(paths)} ({len(set(paths))} distinct)"
+        )
     if configs is not None and len(configs) != K:
         raise ValueError(f"save_each: configs has {len(configs)} entries for {K} stacked adapters")
     for k, (path, params) in enumerate(zip(paths, adapters)):

@@ -4,6 +4,7 @@ A params tree is ``{module_path: {variant_name: {leaf: Tensor}}}``. Which leaves
 declared once by each variant (``TRAINABLE``); ``trainable``, ``partition``, ``stack`` and
 ``unstack`` derive from that declaration.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,12 +81,18 @@ def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
     for i, p in enumerate(params_list[1:], 1):
         other = optree.tree_structure(p)  # pyright: ignore[reportArgumentType]
         if other != spec:
-            raise ValueError(f"params #{i} has a different structure than params #0 (paths/variants/leaves must match): {other} vs {spec}")
+            raise ValueError(
+                f"params #{i} has a different structure than params #0 (paths/variants/leaves must match): {other} vs {spec}"
+            )
+
     def stack_leaf(*xs):
         shapes = {tuple(x.shape) for x in xs}
         if len(shapes) != 1:
-            raise ValueError(f"cannot stack leaves of shapes {sorted(shapes)}; all adapters must have equal shapes (same r, same targets)")
+            raise ValueError(
+                f"cannot stack leaves of shapes {sorted(shapes)}; all adapters must have equal shapes (same r, same targets)"
+            )
         return torch.stack([x.detach() for x in xs])
+
     return _declared(tree_map(stack_leaf, *params_list))
 
 
@@ -98,8 +105,10 @@ def _padded(params_list: list[Params]) -> list[Params]:
             raise TypeError(f"lf.stack: params #{i} is a {type(p).__name__}, not a params dict")
         for path, bv in p.items():
             if not isinstance(bv, dict) or len(bv) != 1:
-                raise ValueError(f"params #{i}[{path!r}] must hold exactly one variant, got "
-                                 f"{list(bv) if isinstance(bv, dict) else type(bv).__name__}")
+                raise ValueError(
+                    f"params #{i}[{path!r}] must hold exactly one variant, got "
+                    f"{list(bv) if isinstance(bv, dict) else type(bv).__name__}"
+                )
             paths.setdefault(path)
 
     def own(k: int, name: str, leaf: str):
@@ -113,9 +122,11 @@ def _padded(params_list: list[Params]) -> list[Params]:
         present = {k: p[path] for k, p in enumerate(params_list) if path in p}
         names = {k: next(iter(bv)) for k, bv in present.items()}
         if len(set(names.values())) > 1:
-            raise ValueError(f"lf.stack(pad=True): layer {path!r} holds different variants across adapters "
-                             f"({ {k: n for k, n in names.items()} }); padding keeps one variant per layer — stack "
-                             f"adapters of one method per layer")
+            raise ValueError(
+                f"lf.stack(pad=True): layer {path!r} holds different variants across adapters "
+                f"({ {k: n for k, n in names.items()} }); padding keeps one variant per layer — stack "
+                f"adapters of one method per layer"
+            )
         name = next(iter(names.values()))
         leaves = {k: bv[name] for k, bv in present.items()}
         shapes = {k: {leaf: tuple(v.shape) for leaf, v in lv.items()} for k, lv in leaves.items()}
@@ -124,8 +135,12 @@ def _padded(params_list: list[Params]) -> list[Params]:
         elif (pad_hook := variants.get(name).pad) is not None:
             padded = pad_hook(path, leaves, K, lambda k, leaf, name=name: own(k, name, leaf))
         else:
-            _padding.refuse(name, path, f"the variant has no pad hook, and the adapters differ there (shapes {shapes}, "
-                                        f"present in adapters {sorted(present)} of {K})")
+            _padding.refuse(
+                name,
+                path,
+                f"the variant has no pad hook, and the adapters differ there (shapes {shapes}, "
+                f"present in adapters {sorted(present)} of {K})",
+            )
         after = {k: {leaf: tuple(v.shape) for leaf, v in padded[k].items()} for k in range(K)}
         if any(s != after[0] for s in after.values()):
             _padding.refuse(name, path, f"its leaves differ in more than the rank: {after}")
@@ -157,8 +172,10 @@ def unstack(stacked: Params) -> list[Params]:
         raise ValueError("lf.unstack: the params tree has no leaves")
     sizes = {tuple(v.shape[:1]) for v in leaves}
     if len(sizes) != 1 or () in sizes:
-        raise ValueError(f"lf.unstack: leaves have leading sizes {sorted(sizes)}; a stacked tree (lf.stack) has one "
-                         f"leading adapter axis K on every leaf")
+        raise ValueError(
+            f"lf.unstack: leaves have leading sizes {sorted(sizes)}; a stacked tree (lf.stack) has one "
+            f"leading adapter axis K on every leaf"
+        )
     K = leaves[0].shape[0]
     return [_declared(tree_map(lambda v: v[k].detach().clone(), stacked)) for k in range(K)]
 
@@ -186,8 +203,10 @@ def with_alpha(params: Params, alpha: float | Tensor) -> Params:
     """
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point() or alpha.ndim != 0:
-            raise ValueError(f"with_alpha: alpha must be a finite number or a 0-d floating tensor, got a tensor of shape "
-                             f"{tuple(alpha.shape)} dtype {alpha.dtype}; sweep several values with vmap over a 1-D tensor")
+            raise ValueError(
+                f"with_alpha: alpha must be a finite number or a 0-d floating tensor, got a tensor of shape "
+                f"{tuple(alpha.shape)} dtype {alpha.dtype}; sweep several values with vmap over a 1-D tensor"
+            )
         if not torch.compiler.is_compiling() and not _functorch_wrapped(alpha) and not bool(torch.isfinite(alpha)):
             raise ValueError(f"with_alpha: alpha={alpha.item()} is not finite; pass a finite steering coefficient (e.g. 1.0)")
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -241,8 +260,13 @@ def trainable(params: Params) -> list[Tensor]:
         >>> [tuple(t.shape) for t in lf.trainable(p)]
         [(2, 8), (8, 2)]
     """
-    return [v for by_variant in params.values() for name, leaves in by_variant.items()
-            for leaf, v in leaves.items() if is_trainable(name, leaf)]
+    return [
+        v
+        for by_variant in params.values()
+        for name, leaves in by_variant.items()
+        for leaf, v in leaves.items()
+        if is_trainable(name, leaf)
+    ]
 
 
 def partition(params: Params) -> tuple[Params, Params]:
@@ -267,9 +291,16 @@ def partition(params: Params) -> tuple[Params, Params]:
         >>> tuple(grads["0"]["lora"]["B"].shape)
         (2, 2)
     """
+
     def split(keep):
-        return {path: {name: {leaf: v for leaf, v in leaves.items() if is_trainable(name, leaf) == keep}
-                       for name, leaves in by_variant.items()} for path, by_variant in params.items()}
+        return {
+            path: {
+                name: {leaf: v for leaf, v in leaves.items() if is_trainable(name, leaf) == keep}
+                for name, leaves in by_variant.items()
+            }
+            for path, by_variant in params.items()
+        }
+
     return split(True), split(False)
 
 

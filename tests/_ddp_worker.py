@@ -5,6 +5,7 @@ rank saves its final leaves; the test compares them with one process trained on 
 
 ``setup`` and ``train`` are shared with the test, so both sides train the same thing.
 """
+
 import copy
 import os
 import sys

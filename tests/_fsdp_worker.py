@@ -1,6 +1,7 @@
 """Run by test_distributed.py in 2 spawned CPU processes (gloo; ``check`` runs inside _ddp_worker's spawn):
 lf.call on a base model sharded with FSDP2's fully_shard equals the unsharded model, outputs and adapter
 gradients."""
+
 import os
 import sys
 

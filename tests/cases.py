@@ -1,4 +1,5 @@
 """Small example configs for every registered variant (W is (D_OUT, D_IN) in the generic tests)."""
+
 import lite_fn as lf
 
 D_OUT, D_IN = 32, 24

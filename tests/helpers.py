@@ -1,5 +1,6 @@
 """Shared test helpers: params for a layer, perturbation of trainable leaves, relative error, peft wrapping and
 parity, sizes of new tensors, config/rank/statistic error checks."""
+
 import pytest
 import torch
 from torch import nn

@@ -1,4 +1,5 @@
 """Tiny Hugging Face models with random weights, built from configs (no downloads)."""
+
 import functools
 
 import torch

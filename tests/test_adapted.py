@@ -1,6 +1,7 @@
 """lf.Adapted: an nn.Module whose parameters are exactly the trainable leaves, whose forward is lf.call,
 whose state_dict is exactly the adapter leaves, and which keeps the base model out of its module tree;
 and transformers.Trainer training it. (DistributedDataParallel and FSDP2: test_distributed.py.)"""
+
 import copy
 import inspect
 
@@ -28,8 +29,9 @@ def model():
     return tiny("llama")
 
 
-@pytest.mark.parametrize("cfg", [lf.LoRAConfig(r=4), lf.PiSSAConfig(r=4), lf.AntiPaSTOConfig(r=8, block_size=4)],
-                         ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize(
+    "cfg", [lf.LoRAConfig(r=4), lf.PiSSAConfig(r=4), lf.AntiPaSTOConfig(r=8, block_size=4)], ids=lambda c: type(c).__name__
+)
 def test_parameters_are_the_trainable_leaves_and_buffers_the_frozen_ones(model, cfg):
     params = moved(lf.init(0, model, cfg, targets=TARGETS))
     module = lf.Adapted(model, params)
@@ -120,8 +122,9 @@ def test_to_moves_every_adapter_leaf_and_never_the_base(model):
     module.to(torch.float64)
     assert all(v.dtype == torch.float64 for v in leaves_of(module.params).values())
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert all(isinstance(module.params[p][n][k], nn.Parameter) == lf.trees.is_trainable(n, k)
-               for p, n, k in leaves_of(module.params))
+    assert all(
+        isinstance(module.params[p][n][k], nn.Parameter) == lf.trees.is_trainable(n, k) for p, n, k in leaves_of(module.params)
+    )
 
 
 def test_forward_shows_the_model_signature(model):
@@ -194,9 +197,18 @@ def test_trainer_trains_the_facade(model, tmp_path):
     with torch.no_grad():
         at_init = module(x, labels=x).loss.item()
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=len(x), max_steps=6, learning_rate=1e-2,
-        lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-        disable_tqdm=True, seed=0)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(x),
+        max_steps=6,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = transformers.Trainer(model=module, args=args, train_dataset=Rows())
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -218,8 +230,16 @@ def test_trainer_checkpoints_hold_only_the_adapter_leaves_and_resume(model, tmp_
 
     def trainer(module, steps, save):
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-2,
-            report_to=[], use_cpu=True, save_strategy="steps" if save else "no", save_steps=2, disable_tqdm=True)
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=steps,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="steps" if save else "no",
+            save_steps=2,
+            disable_tqdm=True,
+        )
         return transformers.Trainer(model=module, args=args, train_dataset=rows)
 
     first = lf.Adapted(model, lf.init(0, model, lf.LoRAConfig(r=4), targets=TARGETS))

@@ -1,5 +1,6 @@
 """AntiPaSTO (no peft equivalent): float64 reference from SPEC.md §3, Cayley properties, exact alpha=0,
 ±alpha antisymmetry, data-aware selection, streaming statistic, errors."""
+
 import math
 
 import pytest
@@ -128,8 +129,12 @@ def test_max_angle_bounds_each_plane_rotation():
 
 def test_block_rotation_on_projection_equals_dense_block_diagonal():
     g = torch.Generator().manual_seed(3)
-    R = antipasto.rotation(torch.randn(3, 6, generator=g, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64),
-                           torch.tensor(1.0, dtype=torch.float64), 4)
+    R = antipasto.rotation(
+        torch.randn(3, 6, generator=g, dtype=torch.float64),
+        torch.tensor(0.8, dtype=torch.float64),
+        torch.tensor(1.0, dtype=torch.float64),
+        4,
+    )
     h = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
     assert rel_err(linalg.block_rotate(h, R), h @ torch.block_diag(*R)) <= 1e-14
 
@@ -237,9 +242,16 @@ def test_leaves_shapes_trainability_and_init_distribution():
     cfg = lf.AntiPaSTOConfig(r=8, block_size=4, rotate_u=True)
     p = antipasto.init(3, W, cfg)
     shapes = {k: (tuple(v.shape), v.requires_grad) for k, v in p.items()}
-    assert shapes == {"U": ((D_OUT, 8), False), "S": ((8,), False), "V": ((D_IN, 8), False),
-                      "delta_s": ((8,), True), "rot_v": ((2, 6), True), "rot_u": ((2, 6), True),
-                      "alpha": ((), False), "max_angle": ((), False)}
+    assert shapes == {
+        "U": ((D_OUT, 8), False),
+        "S": ((8,), False),
+        "V": ((D_IN, 8), False),
+        "delta_s": ((8,), True),
+        "rot_v": ((2, 6), True),
+        "rot_u": ((2, 6), True),
+        "alpha": ((), False),
+        "max_angle": ((), False),
+    }
     assert float(p["alpha"]) == 1.0 and float(p["max_angle"]) == 0.5
     many = [antipasto.init(key, W, cfg) for key in range(40)]  # 320 delta_s draws, 480 per rotation leaf
     ds = torch.cat([q["delta_s"].detach() for q in many])
@@ -273,17 +285,20 @@ def test_init_errors_name_the_fix():
         antipasto.init(0, W, cfg, object())
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(r=10, block_size=4), r"r=10 is not a multiple of block_size=4; use r=8 or r=12"),
-    (dict(r=2, block_size=4), r"r=2 is not a multiple of block_size=4; use r=4"),
-    (dict(r=8, block_size=1), r"block_size=1 must be an int >= 2"),
-    (dict(r=8, block_size=4, max_angle=0.0), r"max_angle=0.0 must be in \(0, π\)"),
-    (dict(r=8, block_size=4, max_angle=3.2), r"max_angle=3.2 must be in \(0, π\)"),
-    (dict(r=8, block_size=4, max_angle=float("nan")), r"max_angle=nan must be a finite number"),
-    (dict(r=8, block_size=4, select="random"), r"select='random' is not one of \['data', 'top'\]"),
-    (dict(r=8, block_size=4, rotate_v=False, rotate_u=False), r"nothing to rotate; set rotate_v=True"),
-    (dict(r=8, block_size=4, alpha=float("inf")), r"alpha=inf must be a finite number"),
-    (dict(r=0, block_size=4), r"r=0 must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(r=10, block_size=4), r"r=10 is not a multiple of block_size=4; use r=8 or r=12"),
+        (dict(r=2, block_size=4), r"r=2 is not a multiple of block_size=4; use r=4"),
+        (dict(r=8, block_size=1), r"block_size=1 must be an int >= 2"),
+        (dict(r=8, block_size=4, max_angle=0.0), r"max_angle=0.0 must be in \(0, π\)"),
+        (dict(r=8, block_size=4, max_angle=3.2), r"max_angle=3.2 must be in \(0, π\)"),
+        (dict(r=8, block_size=4, max_angle=float("nan")), r"max_angle=nan must be a finite number"),
+        (dict(r=8, block_size=4, select="random"), r"select='random' is not one of \['data', 'top'\]"),
+        (dict(r=8, block_size=4, rotate_v=False, rotate_u=False), r"nothing to rotate; set rotate_v=True"),
+        (dict(r=8, block_size=4, alpha=float("inf")), r"alpha=inf must be a finite number"),
+        (dict(r=0, block_size=4), r"r=0 must be a positive int"),
+    ],
+)
 def test_bad_config_values(kw, msg):
     assert_config_refused(lf.AntiPaSTOConfig, kw, msg)

@@ -1,4 +1,5 @@
 """Streaming calibration through a whole model: memory flat in tokens, q/k/v share work, clear errors."""
+
 import pytest
 import torch
 from models import tiny, tokens
@@ -20,7 +21,9 @@ def _batches(n, batch=2, seq=8, seed=0):
         yield tokens(batch, seq, seed=seed + i)
 
 
-@pytest.mark.parametrize("cfg", [lf.EVAConfig(r=4, tau=1.0), lf.AntiPaSTOConfig(r=8, block_size=4, select="data")], ids=["eva", "antipasto"])
+@pytest.mark.parametrize(
+    "cfg", [lf.EVAConfig(r=4, tau=1.0), lf.AntiPaSTOConfig(r=8, block_size=4, select="data")], ids=["eva", "antipasto"]
+)
 def test_statistics_do_not_grow_with_tokens(cfg):
     model = tiny("llama")
     sizes = {}

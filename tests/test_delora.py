@@ -1,4 +1,5 @@
 """DeLoRA: parity with peft's DeloraConfig, a float64 reference from SPEC.md, gradients through the norms, config errors."""
+
 import peft
 import pytest
 import torch
@@ -36,8 +37,12 @@ def _randomised(layer, seed, zero_b_col=False):
 
 
 def _ours_from(A, B, lam, wnorm):
-    return {"A": A.detach().clone().requires_grad_(True), "B": B.detach().clone().requires_grad_(True),
-            "lam": lam.detach().reshape(()).clone().requires_grad_(True), "wnorm": wnorm.detach().clone()}
+    return {
+        "A": A.detach().clone().requires_grad_(True),
+        "B": B.detach().clone().requires_grad_(True),
+        "lam": lam.detach().reshape(()).clone().requires_grad_(True),
+        "wnorm": wnorm.detach().clone(),
+    }
 
 
 def _dense_reference(p, W, b, x):
@@ -58,8 +63,9 @@ def test_peft_parity_outputs_and_grads(zero_b_col):
     p = _ours_from(A, B, lam, layer.delora_w_norm["default"])
     x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(5))
     leaves = [("A", p["A"], A), ("B", p["B"], B), ("lam", p["lam"], lam)]
-    _, y_our = assert_matches_reference(layer, lambda h: delora.apply(p, W, h, b), x, leaves, cotangent=6,
-                                        to_ours=lambda name, g: g.reshape(p[name].shape))  # peft's λ is (1,), ours ()
+    _, y_our = assert_matches_reference(
+        layer, lambda h: delora.apply(p, W, h, b), x, leaves, cotangent=6, to_ours=lambda name, g: g.reshape(p[name].shape)
+    )  # peft's λ is (1,), ours ()
     assert rel_err(y_our, _dense_reference(p, W, b, x)[0]) <= 1e-5
 
 
@@ -69,7 +75,11 @@ def test_init_matches_peft():
     layer = _peft_layer(cfg, W, b)
     p = delora.init(0, W, cfg)
     assert {k: (tuple(v.shape), v.requires_grad) for k, v in p.items()} == {
-        "A": ((4, D_IN), True), "B": ((D_OUT, 4), True), "lam": ((), True), "wnorm": ((D_IN,), False)}
+        "A": ((4, D_IN), True),
+        "B": ((D_OUT, 4), True),
+        "lam": ((), True),
+        "wnorm": ((D_IN,), False),
+    }
     assert float(p["lam"].detach()) == float(layer.delora_lambda["default"].detach()) == 15.0
     assert rel_err(p["wnorm"], layer.delora_w_norm["default"]) <= 1e-6
     assert rel_err(p["wnorm"].double(), torch.linalg.vector_norm(W.double(), dim=0)) <= 1e-6
@@ -99,10 +109,12 @@ def test_gradients_flow_through_the_norms():
     (with detached norms these inner products would be the nonzero ⟨G, branch⟩). And ∂L/∂λ = ⟨G, branch⟩/λ."""
     W, _ = (t.double() for t in make_layer(D_OUT, D_IN, seed=3))
     g = torch.Generator().manual_seed(2)
-    p = {"A": torch.randn(4, D_IN, generator=g, dtype=torch.float64).requires_grad_(True),
-         "B": torch.randn(D_OUT, 4, generator=g, dtype=torch.float64).requires_grad_(True),
-         "lam": torch.tensor(2.5, dtype=torch.float64, requires_grad=True),
-         "wnorm": torch.linalg.vector_norm(W, dim=0)}
+    p = {
+        "A": torch.randn(4, D_IN, generator=g, dtype=torch.float64).requires_grad_(True),
+        "B": torch.randn(D_OUT, 4, generator=g, dtype=torch.float64).requires_grad_(True),
+        "lam": torch.tensor(2.5, dtype=torch.float64, requires_grad=True),
+        "wnorm": torch.linalg.vector_norm(W, dim=0),
+    }
     x = torch.randn(9, D_IN, generator=g, dtype=torch.float64)
     G = torch.randn(9, D_OUT, generator=g, dtype=torch.float64)
     branch = delora.apply(p, W, x, None) - x @ W.T
@@ -126,13 +138,16 @@ def test_lam_zero_really_kills_every_gradient():
         lf.DeLoRAConfig(lam=0)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(r=0), "r=0 must be a positive int"),
-    (dict(r=-2), "r=-2 must be a positive int"),
-    (dict(lam=0.0), "lam=0.0 would make every gradient zero"),
-    (dict(lam=float("nan")), "lam=nan must be a finite number"),
-    (dict(lam="15"), "lam='15' must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(r=0), "r=0 must be a positive int"),
+        (dict(r=-2), "r=-2 must be a positive int"),
+        (dict(lam=0.0), "lam=0.0 would make every gradient zero"),
+        (dict(lam=float("nan")), "lam=nan must be a finite number"),
+        (dict(lam="15"), "lam='15' must be a finite number"),
+    ],
+)
 def test_bad_config(kwargs, match):
     assert_config_refused(lf.DeLoRAConfig, kwargs, match)
 

@@ -1,4 +1,5 @@
 """The demo (python -m lite_fn.demo): its data, its checks, and a --tiny run of the whole code path."""
+
 import json
 
 import pytest
@@ -22,10 +23,17 @@ def test_data_is_deterministic_balanced_and_held_out_is_unseen():
         assert not set(demo_data.HELDOUT_WORDS[key]) & train_words, key
     assert not {f for f, _ in demo_data.HELDOUT_FRAMES} & {f for f, _ in demo_data.TRAIN_FRAMES}
     # every label is the adjective's polarity, flipped by a negated frame; about half are negated
-    for split, frames, words in [("train", demo_data.TRAIN_FRAMES, demo_data.TRAIN_WORDS),
-                                 ("test", demo_data.HELDOUT_FRAMES, demo_data.HELDOUT_WORDS)]:
-        truth = {f.format(n=n, a=adj): (int((pol == "pos") != neg), neg)
-                 for f, neg in frames for pol in ("pos", "neg") for adj in words[pol] for n in words["noun"]}
+    for split, frames, words in [
+        ("train", demo_data.TRAIN_FRAMES, demo_data.TRAIN_WORDS),
+        ("test", demo_data.HELDOUT_FRAMES, demo_data.HELDOUT_WORDS),
+    ]:
+        truth = {
+            f.format(n=n, a=adj): (int((pol == "pos") != neg), neg)
+            for f, neg in frames
+            for pol in ("pos", "neg")
+            for adj in words[pol]
+            for n in words["noun"]
+        }
         sentences, labels = a[split]
         assert [truth[s][0] for s in sentences] == labels
         assert abs(sum(truth[s][1] for s in sentences) - len(sentences) / 2) <= len(sentences) * 0.1
@@ -150,11 +158,12 @@ def test_steer_demo_small(tmp_path, capsys):
     up = [-0.3, -0.1, 0.2, 0.5, 0.8]
     assert demo_steer.find_problems(up, True, True, True, {"French": (0.5, 0.0)}) == []
     assert "strictly" in demo_steer.find_problems([-0.3, 0.2, 0.2, 0.5, 0.8], True, True, True)[0]
+    assert "barely steers" in demo_steer.find_problems([0.1, 0.15, 0.2, 0.25, 0.3], True, True, True)[0]
     assert demo_steer.find_problems([0.3, 0.2, 0.1, 0.0, -0.1], True, True, True, learning=False) == []
     assert "margin differs" in demo_steer.find_problems(up, False, True, True)[0]
     assert "tokens differ" in demo_steer.find_problems(up, True, False, True)[0]
     assert "routed" in demo_steer.find_problems(up, True, True, False)[0]
-    assert "French LoRA did not learn" in demo_steer.find_problems(up, True, True, True, {"French": (0.0, 0.0)})[0]
+    assert "French LoRA did not learn" in demo_steer.find_problems(up, True, True, True, {"French": (0.1, 0.0)})[0]
     pad = 2
     a, b = torch.tensor([[5, 6, pad, pad]]), torch.tensor([[5, 6]])
     assert demo_steer.same_tokens(a, b, pad) and not demo_steer.same_tokens(a, torch.tensor([[5, 7]]), pad)

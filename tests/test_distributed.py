@@ -2,6 +2,7 @@
 call time, so FSDP2's unsharded parameters (swapped in during the forward) are adapted exactly; and
 lf.Adapted trained under DistributedDataParallel (alone, with an FSDP2-sharded base, and under torchrun
 in examples/train_ddp.py) equals one process trained on the full batches."""
+
 import pathlib
 import socket
 import subprocess
@@ -70,8 +71,21 @@ def test_adapted_under_ddp_and_fsdp2_equals_one_process_on_the_full_batch(spawne
 @needs_dist
 def test_train_ddp_example_runs_under_torchrun(tmp_path):
     """examples/train_ddp.py with 2 CPU processes under torch.distributed.run (torchrun)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "examples" / "train_ddp.py"), "--steps", "2", "--tiny", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "examples" / "train_ddp.py"),
+        "--steps",
+        "2",
+        "--tiny",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "step 2/2" in done.stdout and "replicas identical on all 2 processes: True" in done.stdout, done.stdout

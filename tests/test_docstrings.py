@@ -1,5 +1,6 @@
 """Public docstrings: every public function documents Args/Returns/Raises and has an Example that runs
 (doctest, executed here so that the README's test command runs them too)."""
+
 import doctest
 import importlib
 
@@ -7,10 +8,35 @@ import pytest
 
 import lite_fn as lf
 
-MODULES = ["lite_fn.runtime", "lite_fn.trees", "lite_fn.io", "lite_fn.variants", "lite_fn.peft_io", "lite_fn.adapted",
-           "lite_fn.train"]
-PUBLIC = ["init", "call", "applied", "stack", "unstack", "with_alpha", "merge", "save", "load", "load_metadata",
-          "partition", "combine", "trainable", "target_paths", "register_variant", "load_peft", "save_peft", "Adapted"]
+MODULES = [
+    "lite_fn.runtime",
+    "lite_fn.trees",
+    "lite_fn.io",
+    "lite_fn.variants",
+    "lite_fn.peft_io",
+    "lite_fn.adapted",
+    "lite_fn.train",
+]
+PUBLIC = [
+    "init",
+    "call",
+    "applied",
+    "stack",
+    "unstack",
+    "with_alpha",
+    "merge",
+    "save",
+    "load",
+    "load_metadata",
+    "partition",
+    "combine",
+    "trainable",
+    "target_paths",
+    "register_variant",
+    "load_peft",
+    "save_peft",
+    "Adapted",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,5 @@
 """DoRA: parity with peft's LoraConfig(use_dora=True), the detached norm, the dense-free norm, bias, config errors."""
+
 import peft
 import pytest
 import torch
@@ -20,8 +21,9 @@ D_OUT, D_IN = 20, 12
 
 def _peft_layer(cfg, W, b):
     """A peft LoRA-DoRA layer around an nn.Linear holding copies of W and b."""
-    return peft_linear(W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, use_dora=True,
-                       lora_dropout=0.0)
+    return peft_linear(
+        W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, use_dora=True, lora_dropout=0.0
+    )
 
 
 def _randomised(layer, seed):
@@ -37,8 +39,12 @@ def _randomised(layer, seed):
 
 
 def _ours_from(A, B, m, scale):
-    return {"A": A.detach().clone().requires_grad_(True), "B": B.detach().clone().requires_grad_(True),
-            "scale": torch.tensor(scale), "m": m.detach().clone().requires_grad_(True)}
+    return {
+        "A": A.detach().clone().requires_grad_(True),
+        "B": B.detach().clone().requires_grad_(True),
+        "scale": torch.tensor(scale),
+        "m": m.detach().clone().requires_grad_(True),
+    }
 
 
 @pytest.mark.parametrize("cfg", [lf.DoRAConfig(r=4, alpha=8), lf.DoRAConfig(r=3, alpha=5, use_rslora=True)], ids=str)
@@ -147,13 +153,16 @@ def test_bias_passes_through_unscaled():
         assert rel_err(layer(x) - dora.apply(p, W, x, None), b.expand(6, -1)) <= 1e-5
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(r=0), "r=0 must be a positive int"),
-    (dict(r=2.0), "r=2.0 must be a positive int"),
-    (dict(alpha=float("nan")), "alpha=nan must be a finite number"),
-    (dict(alpha="16"), "alpha='16' must be a finite number"),
-    (dict(init="orthogonal"), "init='orthogonal' is not one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(r=0), "r=0 must be a positive int"),
+        (dict(r=2.0), "r=2.0 must be a positive int"),
+        (dict(alpha=float("nan")), "alpha=nan must be a finite number"),
+        (dict(alpha="16"), "alpha='16' must be a finite number"),
+        (dict(init="orthogonal"), "init='orthogonal' is not one of"),
+    ],
+)
 def test_bad_config(kwargs, match):
     assert_config_refused(lf.DoRAConfig, kwargs, match)
 

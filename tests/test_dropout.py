@@ -1,5 +1,6 @@
 """Adapter dropout with explicit keys (LoRA, DoRA, PiSSA, EVA): no key, no dropout; masks are a pure
 function of (key, layer path, position); inverted dropout; peft parity with the mask fixed."""
+
 import pytest
 import torch
 from helpers import make_layer, peft_linear, perturb, rel_err
@@ -68,7 +69,7 @@ def test_mean_over_keys_is_the_undropped_output():
     with torch.no_grad():
         outs = torch.stack([lf.call(model, p, x, key=k) for k in range(4000)])
         exact = lf.call(model, p, x)
-    sem = outs.std(0) / 4000 ** 0.5
+    sem = outs.std(0) / 4000**0.5
     assert ((outs.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
     drop = (outs != exact).float().mean()
     assert drop > 0.5  # the masks really vary

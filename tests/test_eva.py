@@ -1,4 +1,5 @@
 """EVA: streaming PCA vs a float64 reference, parity with peft's EVA machinery, plan(), errors."""
+
 import copy
 import warnings
 
@@ -43,7 +44,10 @@ def fed(cfg, W, *batches):
 def test_streaming_stat_equals_float64_pca_of_all_data():
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(D, D, generator=g, dtype=torch.float64) * torch.logspace(0, -2, D, dtype=torch.float64)
-    batches = [torch.randn(*shape, D, generator=g, dtype=torch.float64) @ mix.T + 3.0 for shape in [(40,), (2, 7), (1,), (3, 5, 4), (25,)]]
+    batches = [
+        torch.randn(*shape, D, generator=g, dtype=torch.float64) @ mix.T + 3.0
+        for shape in [(40,), (2, 7), (1,), (3, 5, 4), (25,)]
+    ]
     X = torch.cat([b.reshape(-1, D) for b in batches])
     W = torch.randn(24, D, dtype=torch.float64)
     Vh, S = ref_pca(X)
@@ -124,8 +128,14 @@ def peft_eva(request):
     perms = [torch.randperm(N, generator=torch.Generator().manual_seed(s)) for s in range(4)]
     loader = [{k: v[p] for k, v in data.items()} for p in perms]
     model = Tiny()
-    pcfg = LoraConfig(r=2, lora_alpha=4, use_rslora=rslora, target_modules=list("qkvgf"), init_lora_weights="eva",
-                      eva_config=EvaConfig(rho=rho, tau=0.99, whiten=whiten))
+    pcfg = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        use_rslora=rslora,
+        target_modules=list("qkvgf"),
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=rho, tau=0.99, whiten=whiten),
+    )
     kw = dict(forward_fn=lambda m, i: m(**i), prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, show_progress_bar=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -199,8 +209,9 @@ def test_apply_and_grads_match_peft_lora_forward(peft_eva):
             p[leaf] = getattr(module, f"lora_{leaf}")["default"].weight.detach().clone().requires_grad_(True)
         x = torch.randn(3, 5, D, generator=g)
         leaves = [(leaf, p[leaf], getattr(module, f"lora_{leaf}")["default"].weight) for leaf in "AB"]
-        assert_matches_reference(module, lambda h: eva.apply(p, lin.weight.detach(), h, lin.bias.detach()), x, leaves,
-                                 cotangent=g, tag=(name,))  # the cotangent is the next draw from g
+        assert_matches_reference(
+            module, lambda h: eva.apply(p, lin.weight.detach(), h, lin.bias.detach()), x, leaves, cotangent=g, tag=(name,)
+        )  # the cotangent is the next draw from g
 
 
 # --------------------------------------------------------------------------- convergence (tau)
@@ -303,13 +314,16 @@ def test_plan_errors():
         eva.plan({"a": st, "b": None}, {"a": cfg, "b": cfg})
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(rho=0.5), r"rho=0.5 must be >= 1.0"),
-    (dict(tau=1.5), r"tau=1.5 must be in \[0, 1\]"),
-    (dict(tau=-0.1), r"tau=-0.1 must be in \[0, 1\]"),
-    (dict(alpha=float("nan")), r"alpha=nan must be a finite number"),
-    (dict(r=0), r"r=0 must be a positive int"),
-    (dict(rho=float("inf")), r"rho=inf must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(rho=0.5), r"rho=0.5 must be >= 1.0"),
+        (dict(tau=1.5), r"tau=1.5 must be in \[0, 1\]"),
+        (dict(tau=-0.1), r"tau=-0.1 must be in \[0, 1\]"),
+        (dict(alpha=float("nan")), r"alpha=nan must be a finite number"),
+        (dict(r=0), r"r=0 must be a positive int"),
+        (dict(rho=float("inf")), r"rho=inf must be a finite number"),
+    ],
+)
 def test_bad_config_values(kw, msg):
     assert_config_refused(lf.EVAConfig, kw, msg)

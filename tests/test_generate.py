@@ -1,5 +1,6 @@
 """lf.applied: every forward inside the block is adapted, so model.generate works with adapters —
 one adapter, K routed adapters, an alpha sweep, beam search, with and without KV cache, threads."""
+
 import copy
 import threading
 
@@ -53,7 +54,7 @@ def test_routed_generate_equals_separate_generates(use_cache):
     separate = []
     for i, k in enumerate(route.tolist()):
         with lf.applied(model, adapters[k]):
-            separate.append(greedy(model, ids[i:i + 1], use_cache=use_cache)[0])
+            separate.append(greedy(model, ids[i : i + 1], use_cache=use_cache)[0])
     assert torch.equal(batched, torch.stack(separate))
     assert len({tuple(s.tolist()) for s in separate[:3]}) > 1  # the adapters generate different tokens
 
@@ -82,7 +83,7 @@ def test_beam_search_keeps_routes_aligned():
         batched = greedy(model, ids, num_beams=3)
     for i, k in enumerate(route.tolist()):
         with lf.applied(model, adapters[k]):
-            assert torch.equal(batched[i], greedy(model, ids[i:i + 1], num_beams=3)[0])
+            assert torch.equal(batched[i], greedy(model, ids[i : i + 1], num_beams=3)[0])
 
 
 def test_sampling_with_route_equals_separate_rows():
@@ -93,7 +94,7 @@ def test_sampling_with_route_equals_separate_rows():
         out = model(ids).logits
     for i, k in enumerate([1, 0]):
         with lf.applied(model, adapters[k]):
-            assert torch.allclose(out[i], model(ids[i:i + 1]).logits[0], atol=1e-5, rtol=0)
+            assert torch.allclose(out[i], model(ids[i : i + 1]).logits[0], atol=1e-5, rtol=0)
     torch.manual_seed(0)
     with lf.applied(model, lf.stack(adapters), route=torch.tensor([1, 0])):
         sampled = greedy(model, ids, do_sample=True, top_k=5)

@@ -1,4 +1,5 @@
 """HRA: parity with peft's HRAConfig, reflection order vs a float64 reference, orthogonality, no d×d matrix, errors."""
+
 import peft
 import pytest
 import torch
@@ -32,8 +33,9 @@ def test_peft_parity_outputs_and_grads(r):
         u_ref.copy_(torch.randn(u_ref.shape, generator=torch.Generator().manual_seed(4)))  # no pairs: R ≠ I
     U = u_ref.detach().T.clone().requires_grad_(True)
     x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(5))
-    y_ref, _ = assert_matches_reference(layer, lambda h: hra.apply({"U": U}, W, h, b), x, [("U", U, u_ref)], cotangent=6,
-                                        to_ours=lambda name, g: g.T)  # peft's columns are our rows
+    y_ref, _ = assert_matches_reference(
+        layer, lambda h: hra.apply({"U": U}, W, h, b), x, [("U", U, u_ref)], cotangent=6, to_ours=lambda name, g: g.T
+    )  # peft's columns are our rows
     assert rel_err(y_ref, torch.nn.functional.linear(x, W, b)) > 1e-2  # really not the identity
 
 

@@ -1,4 +1,5 @@
 """(IA)³ output side (ia3) and input side (ia3_ff): parity with peft's IA3 on copied, randomised vectors."""
+
 import copy
 
 import peft
@@ -25,6 +26,7 @@ class Tiny(nn.Module):
 
 def _ours(model, params, x):
     """Tiny.forward written with our functional apply; params: {name: (module, leaf dict)}."""
+
     def lin(name, h):
         mod, p = params[name]
         layer = getattr(model, name)
@@ -54,10 +56,17 @@ def _peft_and_ours(seed=0):
 def test_peft_parity_outputs_and_grads():
     base, ref, params = _peft_and_ours()
     x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(9))
-    leaves = [(name, params[name][1]["g"], ref.base_model.model.get_submodule(name).ia3_l["default"])
-              for name in ("k", "v", "ff")]
-    _, y_our = assert_matches_reference(ref, lambda h: _ours(base, params, h), x, leaves, cotangent=10,
-                                        to_ours=lambda name, g: g.reshape(params[name][1]["g"].shape))
+    leaves = [
+        (name, params[name][1]["g"], ref.base_model.model.get_submodule(name).ia3_l["default"]) for name in ("k", "v", "ff")
+    ]
+    _, y_our = assert_matches_reference(
+        ref,
+        lambda h: _ours(base, params, h),
+        x,
+        leaves,
+        cotangent=10,
+        to_ours=lambda name, g: g.reshape(params[name][1]["g"].shape),
+    )
     assert rel_err(y_our, base(x)) > 1e-2  # the randomised adapter does something
 
 

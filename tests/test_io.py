@@ -1,5 +1,6 @@
 """Checkpoints (lite_fn.io): bit-exact round trips, integrity against corruption, crafted malformed files,
 checks against a model, and the atomic writer (stale temp files, modes, symlinks, killed writers)."""
+
 import json
 import os
 import random
@@ -82,7 +83,7 @@ def craft(header, data=b"", pad=True, length=None):
 
 def split_file(blob):
     n = header_len(blob)
-    return json.loads(blob[8:8 + n]), blob[8 + n:]
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
 def raises_naming(f, exc=ValueError, match=None):
@@ -314,7 +315,7 @@ def _malformed(name, blob):
         shape = entries[first[0]]["shape"]
         return with_entry(first[0], shape=[shape[0] + 1, *shape[1:]])
     if name == "duplicate_header_key":
-        text = blob[8:8 + n].rstrip(b" ")
+        text = blob[8 : 8 + n].rstrip(b" ")
         extra = b',"__metadata__":' + json.dumps(meta, separators=(",", ":")).encode()
         return craft(text[:-1] + extra + b"}", data)
     if name == "wrong_format":
@@ -329,17 +330,34 @@ def _malformed(name, blob):
 
 
 MALFORMED = {
-    "length_plus_one": "corrupt", "length_minus_one": "corrupt", "huge_header_length": "truncated",
-    "negative_offsets": "corrupt", "overlapping_offsets": "corrupt", "trailing_bytes": "corrupt",
-    "truncated_data": "corrupt", "header_not_json": "not valid JSON", "header_not_utf8": "not UTF-8",
-    "header_json_array": "JSON list", "missing_metadata": "without lite_fn metadata",
-    "foreign_metadata": "not a lite_fn checkpoint", "metadata_not_strings": "strings to strings",
-    "missing_checksum": "lacks \\['sha256'\\]", "keys_disagree_with_tensors": "disagree",
-    "key_entry_malformed": "\\[module_path, variant, leaf, trainable\\]", "key_not_joined_parts": "does not join",
-    "unknown_variant": "'nova'.*known variants", "layers_disagree_with_keys": "'layers' says",
-    "wrong_dtype_string": "F33", "other_valid_dtype": "checksum mismatch", "dtype_lite_fn_does_not_store": "float8",
-    "shape_byte_mismatch": "corrupt", "duplicate_header_key": "duplicate JSON key", "wrong_format": "lite_fn/0",
-    "empty": "empty", "seven_bytes": "only 7 bytes", "prefix_only": "truncated",
+    "length_plus_one": "corrupt",
+    "length_minus_one": "corrupt",
+    "huge_header_length": "truncated",
+    "negative_offsets": "corrupt",
+    "overlapping_offsets": "corrupt",
+    "trailing_bytes": "corrupt",
+    "truncated_data": "corrupt",
+    "header_not_json": "not valid JSON",
+    "header_not_utf8": "not UTF-8",
+    "header_json_array": "JSON list",
+    "missing_metadata": "without lite_fn metadata",
+    "foreign_metadata": "not a lite_fn checkpoint",
+    "metadata_not_strings": "strings to strings",
+    "missing_checksum": "lacks \\['sha256'\\]",
+    "keys_disagree_with_tensors": "disagree",
+    "key_entry_malformed": "\\[module_path, variant, leaf, trainable\\]",
+    "key_not_joined_parts": "does not join",
+    "unknown_variant": "'nova'.*known variants",
+    "layers_disagree_with_keys": "'layers' says",
+    "wrong_dtype_string": "F33",
+    "other_valid_dtype": "checksum mismatch",
+    "dtype_lite_fn_does_not_store": "float8",
+    "shape_byte_mismatch": "corrupt",
+    "duplicate_header_key": "duplicate JSON key",
+    "wrong_format": "lite_fn/0",
+    "empty": "empty",
+    "seven_bytes": "only 7 bytes",
+    "prefix_only": "truncated",
 }
 
 
@@ -457,8 +475,17 @@ def test_check_against_collects_every_problem():
     msg = str(e.value)
     assert msg.startswith("my params does not match LlamaForCausalLM")
     assert "5 problem" in msg
-    for part in (paths[0], "'scale'", paths[1], "float64", "self_attn.nope", "no such module", "Embedding",
-                 "embed_tokens", "'nova'"):
+    for part in (
+        paths[0],
+        "'scale'",
+        paths[1],
+        "float64",
+        "self_attn.nope",
+        "no such module",
+        "Embedding",
+        "embed_tokens",
+        "'nova'",
+    ):
         assert part in msg, part
 
 

@@ -1,4 +1,5 @@
 """LoRA / rsLoRA: parity with peft's LoraConfig on copied tensors, init distributions, errors."""
+
 import peft
 import pytest
 import torch
@@ -13,8 +14,9 @@ CFGS = [lf.LoRAConfig(r=4, alpha=8), lf.LoRAConfig(r=3, alpha=5, use_rslora=True
 
 def _peft_layer(cfg, W, b):
     init = "gaussian" if cfg.init == "gaussian" else True
-    return peft_linear(W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora,
-                       init_lora_weights=init, lora_dropout=0.0)
+    return peft_linear(
+        W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, init_lora_weights=init, lora_dropout=0.0
+    )
 
 
 @pytest.mark.parametrize("cfg", CFGS, ids=str)

@@ -4,6 +4,7 @@ lf.stack(pad=True) over adapters of different ranks and target sets.
 Every adapter is non-trivial: peft's parameters are moved off their init after get_peft_model (and lite_fn's
 trainable leaves after lf.init), and each test checks that the adapter changes the model's output.
 """
+
 import copy
 import json
 import os
@@ -94,33 +95,91 @@ def variant_names(params):
 # ----------------------------------------------------------------------------- peft -> lite_fn
 LOAD_CASES = {
     "lora-list": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), ["lora"]),
-    "lora-all-linear-rslora-patterns": ("llama", lambda: peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, rank_pattern={"q_proj": 6},
-        alpha_pattern={"layers.1.mlp.down_proj": 3}), ["lora"]),
+    "lora-all-linear-rslora-patterns": (
+        "llama",
+        lambda: peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            use_rslora=True,
+            rank_pattern={"q_proj": 6},
+            alpha_pattern={"layers.1.mlp.down_proj": 3},
+        ),
+        ["lora"],
+    ),
     "lora-regex": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=16, target_modules=r".*\.(k_proj|down_proj)"), ["lora"]),
-    "lora-layers_to_transform": ("llama", lambda: peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers"), ["lora"]),
-    "lora-dropout-ignored": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
-                                                              target_modules=["o_proj"]), ["lora"]),
+    "lora-layers_to_transform": (
+        "llama",
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers"
+        ),
+        ["lora"],
+    ),
+    "lora-dropout-ignored": (
+        "llama",
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["o_proj"]),
+        ["lora"],
+    ),
     "lora-task-causal-lm": ("llama", lambda: peft.LoraConfig(r=2, target_modules=["gate_proj"], task_type="CAUSAL_LM"), ["lora"]),
-    "lora-orthogonal-init": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["up_proj"], init_lora_weights="orthogonal"), ["lora"]),
-    "dora": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True), ["dora"]),
-    "pissa": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa"), ["pissa"]),
-    "olora": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=6, target_modules=["v_proj", "up_proj"], init_lora_weights="olora"), ["pissa"]),
-    "ia3": ("llama", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-            ["ia3", "ia3_ff"]),
+    "lora-orthogonal-init": (
+        "llama",
+        lambda: peft.LoraConfig(r=4, target_modules=["up_proj"], init_lora_weights="orthogonal"),
+        ["lora"],
+    ),
+    "dora": (
+        "llama",
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True),
+        ["dora"],
+    ),
+    "pissa": (
+        "llama",
+        lambda: peft.LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa"),
+        ["pissa"],
+    ),
+    "olora": (
+        "llama",
+        lambda: peft.LoraConfig(r=4, lora_alpha=6, target_modules=["v_proj", "up_proj"], init_lora_weights="olora"),
+        ["pissa"],
+    ),
+    "ia3": (
+        "llama",
+        lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        ["ia3", "ia3_ff"],
+    ),
     "hra": ("llama", lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "up_proj"]), ["hra"]),
-    "delora": ("llama", lambda: peft.DeloraConfig(r=4, target_modules=["q_proj", "up_proj"], rank_pattern={"up_proj": 2}), ["delora"]),
+    "delora": (
+        "llama",
+        lambda: peft.DeloraConfig(r=4, target_modules=["q_proj", "up_proj"], rank_pattern={"up_proj": 2}),
+        ["delora"],
+    ),
     "road_1": ("llama", lambda: peft.RoadConfig(variant="road_1", group_size=8, target_modules=["q_proj", "up_proj"]), ["road"]),
     "road_4": ("llama", lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=["o_proj"]), ["road"]),
-    "gpt2-lora-conv1d": ("gpt2", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]), ["lora"]),
-    "gpt2-dora-conv1d": ("gpt2", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True), ["dora"]),
-    "gpt2-pissa-conv1d": ("gpt2", lambda: peft.LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], init_lora_weights="pissa"), ["pissa"]),
-    "gpt2-ia3-conv1d": ("gpt2", lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
-                        ["ia3", "ia3_ff"]),
+    "gpt2-lora-conv1d": (
+        "gpt2",
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]),
+        ["lora"],
+    ),
+    "gpt2-dora-conv1d": (
+        "gpt2",
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True),
+        ["dora"],
+    ),
+    "gpt2-pissa-conv1d": (
+        "gpt2",
+        lambda: peft.LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], init_lora_weights="pissa"),
+        ["pissa"],
+    ),
+    "gpt2-ia3-conv1d": (
+        "gpt2",
+        lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+        ["ia3", "ia3_ff"],
+    ),
     "bert-lora": ("bert", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]), ["lora"]),
-    "bert-ia3": ("bert", lambda: peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
-                 ["ia3", "ia3_ff"]),
+    "bert-ia3": (
+        "bert",
+        lambda: peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
+        ["ia3", "ia3_ff"],
+    ),
 }
 
 
@@ -142,8 +201,12 @@ def test_load_all_linear_string_and_patterns(tmp_path):
     module names, init_lora_weights="eva") read the same."""
     base = tiny("llama")
     full = {"model.layers.0.self_attn.q_proj": 6, "model.layers.1.mlp.gate_proj": 2}
-    pm = moved_peft(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern=full,
-                                          alpha_pattern={k: 2 * v for k, v in full.items()}))
+    pm = moved_peft(
+        base,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", rank_pattern=full, alpha_pattern={k: 2 * v for k, v in full.items()}
+        ),
+    )
     d = saved(pm, tmp_path)
     edit_config(d, target_modules="all-linear", init_lora_weights="eva", eva_config={"rho": 2.0})
     params = lf.load_peft(d, model=base)
@@ -169,8 +232,9 @@ def test_converted_pissa_is_plain_lora_of_rank_2r(tmp_path):
     """peft's own conversion (save_pretrained(path_initial_model_for_weight_conversion=…)) writes a plain LoRA of rank
     2r for the original base: it loads as lite_fn LoRA and equals the trained PiSSA model."""
     base = tiny("llama")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                                                  init_lora_weights="pissa"))
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa")
+    )
     pm.peft_config["default"].init_lora_weights = True  # peft's recipe: save the initial factors first
     pm.save_pretrained(tmp_path / "init")
     pm.peft_config["default"].init_lora_weights = "pissa"
@@ -233,14 +297,20 @@ def test_minilm_real_weights_both_directions(minilm, tmp_path):
     # lite_fn -> peft: LoRA, and DoRA on the FFN too
     lora = moved_params(lf.init(0, model, lf.LoRAConfig(r=8, alpha=16), targets=r"(query|value)$"), scale=0.05)
     lf.save_peft(tmp_path / "lora", lora, model=model)
-    assert_same(out(from_pretrained(model, tmp_path / "lora"), ids, attention_mask=mask),
-                lite_out(model, lora, ids, attention_mask=mask), effect_vs=base_out)
+    assert_same(
+        out(from_pretrained(model, tmp_path / "lora"), ids, attention_mask=mask),
+        lite_out(model, lora, ids, attention_mask=mask),
+        effect_vs=base_out,
+    )
     mine = moved_params(lf.init(0, model, lf.DoRAConfig(r=4, alpha=8), targets=r"(query|value|output\.dense)$"), scale=0.05)
     lf.save_peft(tmp_path / "dora", mine, model=model)
     written = config_of(tmp_path / "dora")
     assert written["use_dora"] and written["base_model_name_or_path"] == model.config._name_or_path
-    assert_same(out(from_pretrained(model, tmp_path / "dora"), ids, attention_mask=mask),
-                lite_out(model, mine, ids, attention_mask=mask), effect_vs=base_out)
+    assert_same(
+        out(from_pretrained(model, tmp_path / "dora"), ids, attention_mask=mask),
+        lite_out(model, mine, ids, attention_mask=mask),
+        effect_vs=base_out,
+    )
 
 
 # ----------------------------------------------------------------------------- lite_fn -> peft
@@ -297,8 +367,10 @@ def test_save_loads_in_peft_and_reproduces_call(case, tmp_path):
 def test_eva_saves_as_lora_with_rank_and_alpha_patterns(tmp_path):
     base = tiny("llama")
     data = [tokens(4, 8, seed=s) for s in range(4)]
-    params = {**lf.init(0, base, lf.EVAConfig(r=4, alpha=8), targets=r"(q_proj|v_proj)$", calibration=data, progress=False),
-              **lf.init(0, base, lf.EVAConfig(r=2, alpha=8), targets=r"up_proj$", calibration=data, progress=False)}
+    params = {
+        **lf.init(0, base, lf.EVAConfig(r=4, alpha=8), targets=r"(q_proj|v_proj)$", calibration=data, progress=False),
+        **lf.init(0, base, lf.EVAConfig(r=2, alpha=8), targets=r"up_proj$", calibration=data, progress=False),
+    }
     params = moved_params(params)
     ranks = {p: v["eva"]["A"].shape[0] for p, v in params.items()}
     assert sorted(set(ranks.values())) == [2, 4]
@@ -319,8 +391,7 @@ def test_eva_with_unequal_scales_writes_alpha_pattern(tmp_path):
 
 
 def test_pissa_and_antipasto_exports_work_on_the_unmodified_base(tmp_path):
-    base, params = build("llama", [(lf.PiSSAConfig(r=4, alpha=8), r"q_proj$"),
-                                   (_antipasto(rotate_u=True), r"down_proj$")])
+    base, params = build("llama", [(lf.PiSSAConfig(r=4, alpha=8), r"q_proj$"), (_antipasto(rotate_u=True), r"down_proj$")])
     lf.save_peft(tmp_path / "p", {k: v for k, v in params.items() if "q_proj" in k}, model=base)
     cfg = config_of(tmp_path / "p")
     assert cfg["r"] == 8 and cfg["init_lora_weights"] is True  # rank 2r, plain LoRA: nothing is re-initialised
@@ -375,8 +446,13 @@ def test_save_refusals_name_what_peft_cannot_hold(tmp_path):
     _, hra = build("llama", [(lf.HRAConfig(r=4), r"q_proj$"), (lf.HRAConfig(r=2), r"v_proj$")])
     with pytest.raises(ValueError, match=r"one r for all layers.*ranks \[2, 4\]"):
         lf.save_peft(tmp_path / "x", hra, model=base)
-    _, road = build("llama", [(lf.ROADConfig(variant="road_1", group_size=8), r"q_proj$"),
-                              (lf.ROADConfig(variant="road_2", group_size=8), r"v_proj$")])
+    _, road = build(
+        "llama",
+        [
+            (lf.ROADConfig(variant="road_1", group_size=8), r"q_proj$"),
+            (lf.ROADConfig(variant="road_2", group_size=8), r"v_proj$"),
+        ],
+    )
     with pytest.raises(ValueError, match=r"one variant and group_size.*road_1.*road_2"):
         lf.save_peft(tmp_path / "x", road, model=base)
     gpt2, hra2 = build("gpt2", [(lf.HRAConfig(r=2), r"c_attn$")])
@@ -395,15 +471,18 @@ def lora_dir(tmp_path, base=None, **cfg):
     return saved(moved_peft(base, peft.LoraConfig(**kw)), tmp_path)
 
 
-@pytest.mark.parametrize("kind,cfg,match", [
-    ("llama", dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
-    ("bert", dict(target_modules=["query"], bias="all"), r"bias='all'"),
-    ("bert", dict(target_modules=["query"], bias="lora_only"), r"bias='lora_only'"),
-    ("llama", dict(lora_bias=True), r"lora_bias=True"),
-    ("llama", dict(trainable_token_indices=[1, 2]), r"trainable_token_indices=\[1, 2\]"),
-    ("llama", dict(target_modules=["q_proj", "embed_tokens"]), r"embedding layer \(target 'model.embed_tokens'\)"),
-    ("llama", dict(layer_replication=[[0, 2], [1, 2]]), r"layer_replication=\[\[0, 2\], \[1, 2\]\]"),
-])
+@pytest.mark.parametrize(
+    "kind,cfg,match",
+    [
+        ("llama", dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
+        ("bert", dict(target_modules=["query"], bias="all"), r"bias='all'"),
+        ("bert", dict(target_modules=["query"], bias="lora_only"), r"bias='lora_only'"),
+        ("llama", dict(lora_bias=True), r"lora_bias=True"),
+        ("llama", dict(trainable_token_indices=[1, 2]), r"trainable_token_indices=\[1, 2\]"),
+        ("llama", dict(target_modules=["q_proj", "embed_tokens"]), r"embedding layer \(target 'model.embed_tokens'\)"),
+        ("llama", dict(layer_replication=[[0, 2], [1, 2]]), r"layer_replication=\[\[0, 2\], \[1, 2\]\]"),
+    ],
+)
 def test_load_refuses_what_lite_fn_cannot_hold(kind, cfg, match, tmp_path):
     base = tiny(kind)
     d = lora_dir(tmp_path, base, **cfg)
@@ -411,18 +490,21 @@ def test_load_refuses_what_lite_fn_cannot_hold(kind, cfg, match, tmp_path):
         lf.load_peft(d, model=base)
 
 
-@pytest.mark.parametrize("fields,match", [
-    (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4'.*redraws"),
-    (dict(init_lora_weights="corda"), r"init_lora_weights='corda'.*preprocess_corda"),
-    (dict(init_lora_weights="loftq"), r"init_lora_weights='loftq'.*quantized"),
-    (dict(init_lora_weights="pissa", use_dora=True), r"use_dora=True with init_lora_weights='pissa'"),
-    (dict(use_qalora=True), r"use_qalora=True.*QALoRA"),
-    (dict(alora_invocation_tokens=[5]), r"alora_invocation_tokens=\[5\]"),
-    (dict(brand_new_field=3), r"brand_new_field=3.*does not know the field"),
-    (dict(target_modules=None), r"target_modules is null"),
-    (dict(r=8), r"has rank 4 but .* gives r=8"),
-    (dict(target_modules=["q_proj", "k_proj"]), r"no tensors for targeted modules \['model.layers.0.self_attn.k_proj'"),
-])
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4'.*redraws"),
+        (dict(init_lora_weights="corda"), r"init_lora_weights='corda'.*preprocess_corda"),
+        (dict(init_lora_weights="loftq"), r"init_lora_weights='loftq'.*quantized"),
+        (dict(init_lora_weights="pissa", use_dora=True), r"use_dora=True with init_lora_weights='pissa'"),
+        (dict(use_qalora=True), r"use_qalora=True.*QALoRA"),
+        (dict(alora_invocation_tokens=[5]), r"alora_invocation_tokens=\[5\]"),
+        (dict(brand_new_field=3), r"brand_new_field=3.*does not know the field"),
+        (dict(target_modules=None), r"target_modules is null"),
+        (dict(r=8), r"has rank 4 but .* gives r=8"),
+        (dict(target_modules=["q_proj", "k_proj"]), r"no tensors for targeted modules \['model.layers.0.self_attn.k_proj'"),
+    ],
+)
 def test_load_refuses_edited_configs_naming_the_field(fields, match, tmp_path):
     d = lora_dir(tmp_path)
     edit_config(d, **fields)
@@ -490,8 +572,11 @@ def test_wrong_model_is_named(tmp_path):
 
     d = lora_dir(tmp_path, target_modules=["q_proj", "down_proj"])
     torch.manual_seed(0)
-    wide = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=64)).eval()
+    wide = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+        )
+    ).eval()
     with pytest.raises(ValueError, match=r"(?s)does not match LlamaForCausalLM.*model.layers.0.self_attn.q_proj"):
         lf.load_peft(d, model=wide)
     with pytest.raises(ValueError, match=r"tensors for modules the config does not target in GPT2LMHeadModel|disagree"):
@@ -530,9 +615,11 @@ def test_multi_adapter_directories(tmp_path):
 def test_stacked_padded_peft_adapters_equal_each_peft_model(tmp_path):
     """Three peft LoRAs of ranks 4/8/16 on different target sets, loaded, padded and evaluated at once."""
     base = tiny("llama")
-    cfgs = [peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-            peft.LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=["k_proj", "o_proj", "q_proj"]),
-            peft.LoraConfig(r=16, lora_alpha=4, target_modules=["down_proj", "v_proj"], layers_to_transform=[0])]
+    cfgs = [
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        peft.LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=["k_proj", "o_proj", "q_proj"]),
+        peft.LoraConfig(r=16, lora_alpha=4, target_modules=["down_proj", "v_proj"], layers_to_transform=[0]),
+    ]
     dirs = [saved(moved_peft(base, c, seed=k), tmp_path, f"a{k}") for k, c in enumerate(cfgs)]
     refs = torch.stack([out(from_pretrained(base, d), IDS) for d in dirs])
     loaded = [lf.load_peft(d, model=base) for d in dirs]
@@ -559,7 +646,7 @@ def _routed_equals_each(base, adapters, x=None):
     routed = lite_out(base, stacked, xs, route=torch.arange(K).repeat_interleave(B))
     for k, p in enumerate(adapters):
         alone = lite_out(base, p, x)
-        assert rel_err(routed[k * B:(k + 1) * B], alone) <= 1e-5, (k, rel_err(routed[k * B:(k + 1) * B], alone))
+        assert rel_err(routed[k * B : (k + 1) * B], alone) <= 1e-5, (k, rel_err(routed[k * B : (k + 1) * B], alone))
         assert rel_err(alone, out(base, x)) > 1e-4
     return stacked
 
@@ -570,11 +657,15 @@ PAD_CASES = {  # each adapter: [(cfg, targets)]; ranks and target sets differ
     "pissa": [[(lf.PiSSAConfig(r=2, alpha=4), r"q_proj$")], [(lf.PiSSAConfig(r=4, alpha=2), r"(q_proj|o_proj)$")]],
     "delora": [[(lf.DeLoRAConfig(r=2, lam=3.0), r"(q_proj|v_proj)$")], [(lf.DeLoRAConfig(r=6), r"q_proj$")]],
     "ia3": [[(lf.IA3Config(), r"k_proj$"), (lf.IA3FFConfig(), r"down_proj$")], [(lf.IA3Config(), r"(k_proj|v_proj)$")]],
-    "road-forms": [[(lf.ROADConfig(variant="road_1", group_size=8), r"q_proj$")],
-                   [(lf.ROADConfig(variant="road_2", group_size=8), r"(q_proj|o_proj)$")],
-                   [(lf.ROADConfig(variant="road_4", group_size=8), r"o_proj$")]],
-    "antipasto": [[(lf.AntiPaSTOConfig(r=4, block_size=2), r"o_proj$")],
-                  [(lf.AntiPaSTOConfig(r=8, block_size=2, rotate_u=True), r"(o_proj|down_proj)$")]],
+    "road-forms": [
+        [(lf.ROADConfig(variant="road_1", group_size=8), r"q_proj$")],
+        [(lf.ROADConfig(variant="road_2", group_size=8), r"(q_proj|o_proj)$")],
+        [(lf.ROADConfig(variant="road_4", group_size=8), r"o_proj$")],
+    ],
+    "antipasto": [
+        [(lf.AntiPaSTOConfig(r=4, block_size=2), r"o_proj$")],
+        [(lf.AntiPaSTOConfig(r=8, block_size=2, rotate_u=True), r"(o_proj|down_proj)$")],
+    ],
 }
 
 
@@ -587,7 +678,10 @@ def test_pad_is_exact_for_every_paddable_variant(case):
     stacked = _routed_equals_each(base, adapters)
     for path, bv in stacked.items():  # trainability from the variant declaration, padded leaves included
         for name, leaves in bv.items():
-            assert {k for k, v in leaves.items() if v.requires_grad} == set(variants.get(name).TRAINABLE) & set(leaves), (path, name)
+            assert {k for k, v in leaves.items() if v.requires_grad} == set(variants.get(name).TRAINABLE) & set(leaves), (
+                path,
+                name,
+            )
 
 
 def test_pad_antipasto_missing_layer_is_identity_at_any_alpha():
@@ -597,7 +691,8 @@ def test_pad_antipasto_missing_layer_is_identity_at_any_alpha():
     stacked = lf.stack([a, b], pad=True)
     filled = lf.unstack(stacked)[1]
     assert float(filled["model.layers.0.mlp.down_proj"]["antipasto"]["alpha"]) == float(
-        b["model.layers.0.self_attn.o_proj"]["antipasto"]["alpha"])  # its own steering value
+        b["model.layers.0.self_attn.o_proj"]["antipasto"]["alpha"]
+    )  # its own steering value
     for alpha in (-1.0, 0.5, 2.0):
         assert_same(lite_out(base, lf.with_alpha(filled, alpha)), lite_out(base, lf.with_alpha(b, alpha)), tol=1e-6)
 

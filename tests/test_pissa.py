@@ -1,4 +1,5 @@
 """PiSSA: init and forward parity with peft's init_lora_weights="pissa"/"pissa_niter_K", the S/s division, config errors."""
+
 import peft
 import pytest
 import torch
@@ -19,8 +20,9 @@ D_OUT, D_IN = 20, 12
 
 def _peft_layer(cfg, W, b, init="pissa"):
     """peft's PiSSA on an nn.Linear holding copies of W and b (peft overwrites that weight with the residual)."""
-    return peft_linear(W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora,
-                       init_lora_weights=init, lora_dropout=0.0)
+    return peft_linear(
+        W, b, peft.LoraConfig, r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, init_lora_weights=init, lora_dropout=0.0
+    )
 
 
 def _peft_AB(layer):
@@ -68,7 +70,12 @@ def test_leaves_and_identity():
     W, b = make_layer(D_OUT, D_IN, seed=3)
     p = pissa.init(0, W, lf.PiSSAConfig(r=4, alpha=8))
     assert {k: (tuple(v.shape), v.requires_grad) for k, v in p.items()} == {
-        "A": ((4, D_IN), True), "B": ((D_OUT, 4), True), "scale": ((), False), "A0": ((4, D_IN), False), "B0": ((D_OUT, 4), False)}
+        "A": ((4, D_IN), True),
+        "B": ((D_OUT, 4), True),
+        "scale": ((), False),
+        "A0": ((4, D_IN), False),
+        "B0": ((D_OUT, 4), False),
+    }
     assert torch.equal(p["A"], p["A0"]) and torch.equal(p["B"], p["B0"])
     x = torch.randn(5, D_IN)
     assert torch.equal(pissa.apply(p, W, x, b), torch.nn.functional.linear(x, W, b))  # the branches cancel exactly
@@ -88,11 +95,20 @@ def test_forward_and_grads_match_peft_residual_model(cfg):
             with torch.no_grad():
                 A_ref.add_(dA)
                 B_ref.add_(dB)
-            p = {**p, "A": (p["A"] + sign[:, None] * dA).detach().requires_grad_(True),
-                 "B": (p["B"] + sign * dB).detach().requires_grad_(True)}
-        y_ref, _ = assert_matches_reference(layer, lambda h: pissa.apply(p, W, h, b), x,
-                                            [("A", p["A"], A_ref), ("B", p["B"], B_ref)], cotangent=7, tag=(step,),
-                                            to_ours=lambda name, g: g * (sign[:, None] if name == "A" else sign))
+            p = {
+                **p,
+                "A": (p["A"] + sign[:, None] * dA).detach().requires_grad_(True),
+                "B": (p["B"] + sign * dB).detach().requires_grad_(True),
+            }
+        y_ref, _ = assert_matches_reference(
+            layer,
+            lambda h: pissa.apply(p, W, h, b),
+            x,
+            [("A", p["A"], A_ref), ("B", p["B"], B_ref)],
+            cotangent=7,
+            tag=(step,),
+            to_ours=lambda name, g: g * (sign[:, None] if name == "A" else sign),
+        )
         if step:
             assert rel_err(y_ref, torch.nn.functional.linear(x, W, b)) > 1e-2  # really moved off the identity
 
@@ -138,15 +154,18 @@ def test_key_matters_only_for_randomized_svd():
     assert rel_err(q0["B"] @ q0["A"], q1["B"] @ q1["A"]) <= 1e-3  # both approximate the same top-r part
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(r=0), "r=0 must be a positive int"),
-    (dict(alpha=0), "alpha=0 must be > 0"),
-    (dict(alpha=-8.0), "alpha=-8.0 must be > 0"),
-    (dict(alpha=float("inf")), "alpha=inf must be a finite number"),
-    (dict(niter=-1), "niter=-1 must be None"),
-    (dict(niter=2.5), "niter=2.5 must be None"),
-    (dict(niter=True), "niter=True must be None"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(r=0), "r=0 must be a positive int"),
+        (dict(alpha=0), "alpha=0 must be > 0"),
+        (dict(alpha=-8.0), "alpha=-8.0 must be > 0"),
+        (dict(alpha=float("inf")), "alpha=inf must be a finite number"),
+        (dict(niter=-1), "niter=-1 must be None"),
+        (dict(niter=2.5), "niter=2.5 must be None"),
+        (dict(niter=True), "niter=True must be None"),
+    ],
+)
 def test_bad_config(kwargs, match):
     assert_config_refused(lf.PiSSAConfig, kwargs, match)
 

@@ -1,5 +1,6 @@
 """Adapters on 4-bit (nf4, fp4, double quantisation) and 8-bit bitsandbytes bases, on CPU: the base
 product runs through the layer's own kernel, the adapter math is the variant's."""
+
 import functools
 import tempfile
 
@@ -16,8 +17,9 @@ pytest.importorskip("accelerate")
 TARGETS = r"(q_proj|v_proj|down_proj)$"
 QUANT = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "fp4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
-                       bnb_4bit_compute_dtype=torch.float32),
+    "fp4-double": dict(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    ),
     # LLM.int8's outlier threshold (default 6.0) splits off the input columns that hold an outlier anywhere in
     # the batch, so a row's output depends on the other rows (peft's mixed batches too); 0 keeps rows independent
     "int8": dict(load_in_8bit=True, llm_int8_threshold=0.0),
@@ -27,8 +29,15 @@ QUANT = {
 @functools.cache
 def _saved(kind: str) -> str:
     torch.manual_seed(0)
-    common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, max_position_embeddings=64)  # 64 wide: bitsandbytes' CPU blocks need ≥ 64
+    common = dict(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )  # 64 wide: bitsandbytes' CPU blocks need ≥ 64
     cls, cfg = {"llama": (tf.LlamaForCausalLM, tf.LlamaConfig), "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config)}[kind]
     folder = tempfile.mkdtemp(prefix=f"lite_fn-{kind}-")
     cls(cfg(**common)).eval().save_pretrained(folder)
@@ -44,8 +53,9 @@ def quantized(quant: str, kind: str = "llama", train: bool = False):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = tf.AutoModelForCausalLM.from_pretrained(_saved(kind), quantization_config=tf.BitsAndBytesConfig(**QUANT[quant]),
-                                                        device_map="cpu")
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            _saved(kind), quantization_config=tf.BitsAndBytesConfig(**QUANT[quant]), device_map="cpu"
+        )
         if train:
             return model.train()
         model.eval()
@@ -68,9 +78,18 @@ def state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-CFGS = [lf.LoRAConfig(r=4), lf.LoRAConfig(r=4, use_rslora=True), lf.DoRAConfig(r=4), lf.DeLoRAConfig(r=4), lf.IA3Config(),
-        lf.IA3FFConfig(), lf.HRAConfig(r=4), lf.ROADConfig(group_size=8), lf.PiSSAConfig(r=4),
-        lf.AntiPaSTOConfig(r=8, block_size=4)]
+CFGS = [
+    lf.LoRAConfig(r=4),
+    lf.LoRAConfig(r=4, use_rslora=True),
+    lf.DoRAConfig(r=4),
+    lf.DeLoRAConfig(r=4),
+    lf.IA3Config(),
+    lf.IA3FFConfig(),
+    lf.HRAConfig(r=4),
+    lf.ROADConfig(group_size=8),
+    lf.PiSSAConfig(r=4),
+    lf.AntiPaSTOConfig(r=8, block_size=4),
+]
 
 
 @pytest.mark.parametrize("quant", list(QUANT))
@@ -133,8 +152,10 @@ def test_parity_with_peft_qlora(quant, use_dora):
     if use_dora and quant == "int8":
         pytest.skip("covered by the 4-bit cases; peft's 8-bit DoRA dequantizes with its own rounding")
     ours_model, x = quantized(quant, train=True), tokens()
-    pm = peft.get_peft_model(quantized(quant, train=True), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                               use_dora=use_dora))
+    pm = peft.get_peft_model(
+        quantized(quant, train=True),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora),
+    )
     params = lf.init(0, ours_model, (lf.DoRAConfig if use_dora else lf.LoRAConfig)(r=4, alpha=8), targets=TARGETS)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -162,8 +183,11 @@ def test_parity_with_peft_qlora(quant, use_dora):
 
 def test_a_layer_repacked_for_inference_is_refused_for_training():
     model = quantized("nf4")  # ran once in eval mode without gradients: bitsandbytes repacked its CPU weights
-    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
-               if type(m).__name__ == "Linear4bit"):
+    if not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if type(m).__name__ == "Linear4bit"
+    ):
         pytest.skip("this CPU has no AVX512-BF16 repacking")
     params = lf.init(0, model, lf.LoRAConfig(r=4), targets=TARGETS)
     with pytest.raises(RuntimeError, match=r"returns an output with no gradient to its input"):
@@ -194,7 +218,9 @@ def test_calibration_and_data_aware_init_on_a_quantized_model():
     data = [tokens(2, 8, seed=s) for s in range(3)]
     eva = lf.init(0, model, lf.EVAConfig(r=2), targets=TARGETS, calibration=data, progress=False)
     assert eva and all(v["eva"]["A"].shape[1] == model.get_submodule(p).in_features for p, v in eva.items())
-    aware = lf.init(0, model, lf.AntiPaSTOConfig(r=8, block_size=4, select="data"), targets=r"o_proj$", calibration=data, progress=False)
+    aware = lf.init(
+        0, model, lf.AntiPaSTOConfig(r=8, block_size=4, select="data"), targets=r"o_proj$", calibration=data, progress=False
+    )
     with torch.no_grad():
         assert torch.equal(lf.call(model, lf.with_alpha(aware, 0.0), tokens()).logits, model(tokens()).logits)
 

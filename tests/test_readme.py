@@ -1,4 +1,5 @@
 """The README is the contract: every python block runs as written; the shell blocks are what CI runs."""
+
 import pathlib
 import re
 

@@ -1,4 +1,5 @@
 """RoAd: config/shape errors, parity with peft's RoadConfig for road_1/2/4, and a float64 reference from SPEC.md."""
+
 import copy
 
 import peft
@@ -15,6 +16,7 @@ VARIANTS = ("road_1", "road_2", "road_4")
 
 
 # ---------------------------------------------------------------- configuration errors
+
 
 def test_bad_variant():
     assert_config_refused(lf.ROADConfig, dict(variant="road_3"), r"variant='road_3'.*road_1")
@@ -53,7 +55,10 @@ def test_params_from_another_width():
 
 # ---------------------------------------------------------------- leaves
 
-@pytest.mark.parametrize("variant,shape,peft_size", [("road_1", (3, 1, 4), 12), ("road_2", (3, 2, 4), 24), ("road_4", (3, 2, 2, 4), 48)])
+
+@pytest.mark.parametrize(
+    "variant,shape,peft_size", [("road_1", (3, 1, 4), 12), ("road_2", (3, 2, 4), 24), ("road_4", (3, 2, 2, 4), 48)]
+)
 def test_leaves(variant, shape, peft_size):
     W, _ = make_layer(24, 6)
     p = road.init(0, W, lf.ROADConfig(variant=variant, group_size=8))
@@ -65,6 +70,7 @@ def test_leaves(variant, shape, peft_size):
 
 
 # ---------------------------------------------------------------- peft parity
+
 
 class Tiny(nn.Module):
     def __init__(self):
@@ -78,7 +84,9 @@ class Tiny(nn.Module):
 def _peft_and_ours(variant, seed=0, group_size=8):
     torch.manual_seed(seed)
     base = Tiny()
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.RoadConfig(variant=variant, group_size=group_size, target_modules=["a", "b"]))
+    ref = peft.get_peft_model(
+        copy.deepcopy(base), peft.RoadConfig(variant=variant, group_size=group_size, target_modules=["a", "b"])
+    )
     g = torch.Generator().manual_seed(seed + 1)
     params = {}
     for name in ("a", "b"):
@@ -109,8 +117,14 @@ def test_peft_parity_outputs_and_grads(variant):
         layer = ref.base_model.model.get_submodule(name)
         for ours, theirs in (("theta", layer.road_theta), ("alpha", layer.road_alpha)):
             leaves.append(((name, ours), params[name][ours], theirs["default"]))
-    _, y_our = assert_matches_reference(ref, lambda h: _ours(base, params, h), x, leaves, cotangent=10,
-                                        to_ours=lambda key, g: g.reshape(params[key[0]][key[1]].shape))  # peft: flat
+    _, y_our = assert_matches_reference(
+        ref,
+        lambda h: _ours(base, params, h),
+        x,
+        leaves,
+        cotangent=10,
+        to_ours=lambda key, g: g.reshape(params[key[0]][key[1]].shape),
+    )  # peft: flat
     assert rel_err(y_our, base(x)) > 1e-2  # the randomised adapter does something
 
 
@@ -127,6 +141,7 @@ def test_merge_matches_peft_merge(variant):
 
 
 # ---------------------------------------------------------------- float64 reference (SPEC.md §3, not peft)
+
 
 def _reference(variant, theta, alpha, y, group_size):
     """Per group, pair element j of the first half with element j of the second half:

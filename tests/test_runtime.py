@@ -1,4 +1,5 @@
 """The model runtime on tiny Hugging Face models (Llama, Qwen2, GPT-2 with Conv1D, BERT)."""
+
 import pytest
 import torch
 from cases import all_cases, case_id
@@ -78,7 +79,7 @@ def test_vmap_many_adapters_and_routed_batch(case):
     route = torch.tensor([2, 0, 2])
     mixed = logits(lf.call(model, stacked, x, route=route))
     for i, k in enumerate(route.tolist()):
-        assert rel_err(mixed[i], logits(lf.call(model, ps[k], x[i:i + 1]))[0]) <= 1e-5
+        assert rel_err(mixed[i], logits(lf.call(model, ps[k], x[i : i + 1]))[0]) <= 1e-5
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -159,8 +160,12 @@ def test_alpha_sweep_vmap_equals_sequential():
 
 def test_partition_combine_with_torch_func_grad():
     model, x = tiny("llama"), tokens()
-    params = moved(lf.init(0, model, lf.DoRAConfig(r=4), progress=False) if hasattr(lf, "DoRAConfig")
-                   else lf.init(0, model, lf.LoRAConfig(r=4), progress=False), 2)
+    params = moved(
+        lf.init(0, model, lf.DoRAConfig(r=4), progress=False)
+        if hasattr(lf, "DoRAConfig")
+        else lf.init(0, model, lf.LoRAConfig(r=4), progress=False),
+        2,
+    )
     train, frozen = lf.partition(params)
     assert all(v.requires_grad for v in _leaves(train)) and not any(v.requires_grad for v in _leaves(frozen))
 
@@ -217,8 +222,10 @@ def test_init_key_per_layer_independent_of_other_targets():
 
 def test_combined_inits_ia3_and_ia3ff():
     model, x = tiny("llama"), tokens()
-    p = {**lf.init(0, model, lf.IA3Config(), targets=r"(k_proj|v_proj)$", progress=False),
-         **lf.init(0, model, lf.IA3FFConfig(), targets=r"down_proj$", progress=False)}
+    p = {
+        **lf.init(0, model, lf.IA3Config(), targets=r"(k_proj|v_proj)$", progress=False),
+        **lf.init(0, model, lf.IA3FFConfig(), targets=r"down_proj$", progress=False),
+    }
     assert {next(iter(bv)) for bv in p.values()} == {"ia3", "ia3_ff"}
     assert torch.equal(logits(lf.call(model, p, x)), logits(model(x)))
     out = logits(lf.call(model, moved(p, 1), x))

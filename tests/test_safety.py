@@ -1,5 +1,6 @@
 """The injection never touches the model: threads, nested calls, other libraries' hooks, ties,
 routes on models that flatten rows, leaves that would broadcast, layers the forward never computes."""
+
 import copy
 import threading
 
@@ -70,7 +71,9 @@ def test_threads_share_one_model_and_each_gets_its_own_adapter():
 def test_threads_with_base_weights_on_one_skeleton():
     model, x = tiny("llama"), tokens(2, 8)
     skeleton = copy.deepcopy(model).to("meta")
-    weights = [{**{n: t.detach() + 0.01 * s for n, t in model.named_parameters()}, **dict(model.named_buffers())} for s in range(3)]
+    weights = [
+        {**{n: t.detach() + 0.01 * s for n, t in model.named_parameters()}, **dict(model.named_buffers())} for s in range(3)
+    ]
     p = lora(model, 1)
     with torch.no_grad():
         expected = [logits(lf.call(skeleton, p, x, base=w)) for w in weights]
@@ -185,8 +188,15 @@ def test_base_gets_no_gradient_even_when_trainable():
 # ----------------------------------------------------------------------------- ties
 def _tied_llama():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, tie_word_embeddings=True)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     m = tf.LlamaForCausalLM(cfg).eval()
     assert m.lm_head.weight is m.model.embed_tokens.weight
     return m
@@ -217,8 +227,17 @@ def test_linear_layers_sharing_one_weight_are_refused():
 def test_route_on_models_that_flatten_batch_and_sequence(kind):
     if kind == "opt":
         torch.manual_seed(0)
-        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                                               max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+        model = tf.OPTForCausalLM(
+            tf.OPTConfig(
+                vocab_size=64,
+                hidden_size=32,
+                num_hidden_layers=2,
+                ffn_dim=64,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            )
+        ).eval()
         targets = r"(fc1|fc2|q_proj)$"
     else:
         model, targets = tiny("gpt2"), r"(c_attn|c_fc|mlp\.c_proj)$"  # Conv1D flattens its input too
@@ -227,18 +246,21 @@ def test_route_on_models_that_flatten_batch_and_sequence(kind):
     route = torch.tensor([2, 0, 2])
     mixed = logits(lf.call(model, lf.stack(adapters), x, route=route))
     for i, k in enumerate(route.tolist()):
-        assert torch.allclose(mixed[i], logits(lf.call(model, adapters[k], x[i:i + 1]))[0], atol=1e-5, rtol=0)
+        assert torch.allclose(mixed[i], logits(lf.call(model, adapters[k], x[i : i + 1]))[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("route, message", [
-    (torch.tensor([True, False]), "boolean mask is not a route"),
-    (torch.tensor([0, -1]), "adapter index -1, but the stacked params hold 3 adapters"),
-    (torch.tensor([0, 3]), "adapter index 3, but the stacked params hold 3 adapters"),
-    (torch.tensor([0.0, 1.0]), "integer tensor"),
-    (torch.tensor([[0, 1]]), r"shape \(1, 2\)"),
-    (torch.tensor([0, 1, 2]), "route has 3 entries"),
-    ("01", "got str"),
-])
+@pytest.mark.parametrize(
+    "route, message",
+    [
+        (torch.tensor([True, False]), "boolean mask is not a route"),
+        (torch.tensor([0, -1]), "adapter index -1, but the stacked params hold 3 adapters"),
+        (torch.tensor([0, 3]), "adapter index 3, but the stacked params hold 3 adapters"),
+        (torch.tensor([0.0, 1.0]), "integer tensor"),
+        (torch.tensor([[0, 1]]), r"shape \(1, 2\)"),
+        (torch.tensor([0, 1, 2]), "route has 3 entries"),
+        ("01", "got str"),
+    ],
+)
 def test_bad_routes(route, message):
     model = tiny("llama")
     stacked = lf.stack([lora(model, k) for k in range(3)])
@@ -254,14 +276,17 @@ def test_route_needs_stacked_params():
 
 
 # ----------------------------------------------------------------------------- exact leaves
-@pytest.mark.parametrize("cfg, leaf, bad", [
-    (lf.IA3Config(), "g", (1,)),
-    (lf.LoRAConfig(r=4), "scale", (4,)),
-    (lf.DoRAConfig(r=4), "m", (1,)),
-    (lf.ROADConfig(group_size=8), "alpha", (1,)),
-    (lf.LoRAConfig(r=4), "A", (4, 1)),
-    (lf.HRAConfig(r=2), "U", (2, 1)),
-])
+@pytest.mark.parametrize(
+    "cfg, leaf, bad",
+    [
+        (lf.IA3Config(), "g", (1,)),
+        (lf.LoRAConfig(r=4), "scale", (4,)),
+        (lf.DoRAConfig(r=4), "m", (1,)),
+        (lf.ROADConfig(group_size=8), "alpha", (1,)),
+        (lf.LoRAConfig(r=4), "A", (4, 1)),
+        (lf.HRAConfig(r=2), "U", (2, 1)),
+    ],
+)
 def test_leaves_that_would_broadcast_are_refused(cfg, leaf, bad, tmp_path):
     model = tiny("llama")
     p = lf.init(0, model, cfg, targets=r"v_proj$")
@@ -408,10 +433,13 @@ def test_every_variant_returns_contiguous_leaves():
 
 def test_gradient_checkpointing_is_refused_while_training():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64)
+    cfg = tf.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    )
     model = tf.LlamaForCausalLM(cfg)
-    model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable() if hasattr(
+        model, "activation_checkpointing_enable"
+    ) else model.gradient_checkpointing_enable()
     model.train()
     p = lora(model, 1, targets=r"q_proj$")
     with pytest.raises(RuntimeError, match=r"gradient checkpointing on"):

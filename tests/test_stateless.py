@@ -1,4 +1,5 @@
 """Stateless models: a meta-device skeleton plus base weights handed in as an argument (base=)."""
+
 import copy
 
 import pytest
@@ -99,8 +100,15 @@ def test_tied_weights_follow_the_model():
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, tie_word_embeddings=True)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     model = tf.LlamaForCausalLM(cfg).eval()
     with torch.device("meta"):
         skeleton = tf.LlamaForCausalLM(cfg).eval()
@@ -119,9 +127,15 @@ def test_bad_base_names_shapes_and_types():
     missing = {k: v for k, v in weights.items() if k != "model.norm.weight"}
     with pytest.raises(ValueError, match=r"base is missing 1 tensors .*'model\.norm\.weight'"):
         lf.call(skeleton, p, tokens(), base=missing)
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj\.weigth' \(did you mean 'model\.layers\.0\.self_attn\.q_proj\.weight'\?\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'model\.layers\.0\.self_attn\.q_proj\.weigth' \(did you mean 'model\.layers\.0\.self_attn\.q_proj\.weight'\?\)",
+    ):
         lf.call(skeleton, p, tokens(), base={**weights, "model.layers.0.self_attn.q_proj.weigth": torch.ones(1)})
-    with pytest.raises(ValueError, match=r"base\['model\.norm\.weight'\] has shape \(31,\) but the model's 'model\.norm\.weight' has shape \(32,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"base\['model\.norm\.weight'\] has shape \(31,\) but the model's 'model\.norm\.weight' has shape \(32,\)",
+    ):
         lf.call(skeleton, p, tokens(), base={**weights, "model.norm.weight": torch.ones(31)})
     with pytest.raises(TypeError, match=r"base must be a dict"):
         lf.call(skeleton, p, tokens(), base=[1, 2])

@@ -1,6 +1,7 @@
 """K adapters trained in one step (lite_fn.train): a vmapped loss over stacked params with one optimizer
 equals K separate trainings; per-adapter clipping equals K separate clip_grad_norm_ calls; per-adapter
 learning rates equal K trainings at those rates; the K results save and load one by one."""
+
 import pytest
 import torch
 from helpers import perturb
@@ -22,13 +23,16 @@ def adapters(model, cfg, k=K):
 
 
 def own_copy(params):
-    return {p: {n: {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in lv.items()}
-                for n, lv in bv.items()} for p, bv in params.items()}
+    return {
+        p: {n: {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in lv.items()} for n, lv in bv.items()}
+        for p, bv in params.items()
+    }
 
 
 def max_diff(stacked, separate):
-    return max((s[k] - v).abs().max().item() for k, one in enumerate(separate)
-               for s, v in zip(lf.trainable(stacked), lf.trainable(one)))
+    return max(
+        (s[k] - v).abs().max().item() for k, one in enumerate(separate) for s, v in zip(lf.trainable(stacked), lf.trainable(one))
+    )
 
 
 def batches(k=K, steps=STEPS):
@@ -52,8 +56,9 @@ def train_separately(model, params_list, data, lr, lr_scale=None, max_norm=None,
     return out
 
 
-@pytest.mark.parametrize("cfg", [lf.LoRAConfig(r=4), lf.DoRAConfig(r=4), lf.AntiPaSTOConfig(r=8, block_size=4)],
-                         ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize(
+    "cfg", [lf.LoRAConfig(r=4), lf.DoRAConfig(r=4), lf.AntiPaSTOConfig(r=8, block_size=4)], ids=lambda c: type(c).__name__
+)
 def test_k_adapters_in_one_step_equal_k_separate_trainings(cfg):
     model = tiny("llama")
     params_list, data = adapters(model, cfg), batches()
@@ -175,8 +180,9 @@ def test_save_each_writes_one_checkpoint_per_adapter(tmp_path):
         loaded = lf.load(path, model=model)
         assert all(torch.equal(a, b) for a, b in zip(lf.trainable(loaded), lf.trainable(params_list[k])))
         assert lf.load_metadata(path)["layers"]["model.layers.0.self_attn.q_proj"]["config"]["fields"]["r"] == 4
-    named = lf.train.save_each([tmp_path / f"{n}.safetensors" for n in "xyz"], stacked,
-                               configs=[lf.LoRAConfig(r=4, alpha=a) for a in (1.0, 2.0, 3.0)])
+    named = lf.train.save_each(
+        [tmp_path / f"{n}.safetensors" for n in "xyz"], stacked, configs=[lf.LoRAConfig(r=4, alpha=a) for a in (1.0, 2.0, 3.0)]
+    )
     alphas = [lf.load_metadata(p)["layers"]["model.layers.0.self_attn.q_proj"]["config"]["fields"]["alpha"] for p in named]
     assert alphas == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match=r"no '\{k\}'"):

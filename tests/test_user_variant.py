@@ -1,4 +1,5 @@
 """A variant that lives outside the package, registered with lf.register_variant, works end to end."""
+
 import types
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,8 +28,15 @@ def make_gain_variant(name="out_gain"):
     def shapes(leaves, d_out, d_in):
         return {"c": (d_out,)}
 
-    module = types.SimpleNamespace(NAME=name, TRAINABLE=frozenset({"c"}), Config=GainConfig, init=init, apply=apply,
-                                   shapes=shapes, random_init=lambda cfg: False)
+    module = types.SimpleNamespace(
+        NAME=name,
+        TRAINABLE=frozenset({"c"}),
+        Config=GainConfig,
+        init=init,
+        apply=apply,
+        shapes=shapes,
+        random_init=lambda cfg: False,
+    )
     return module, GainConfig
 
 
@@ -40,8 +48,10 @@ def test_user_variant_init_call_vmap_route_save_load(tmp_path):
         model, x = tiny("llama"), tokens()
         p = lf.init(0, model, Config(), targets=r"(q_proj|v_proj)$")
         assert torch.equal(logits(lf.call(model, p, x)), logits(model(x)))  # identity at init
-        moved = [{k: {n: {leaf: v + 0.1 * (i + 1) for leaf, v in lv.items()} for n, lv in bv.items()} for k, bv in p.items()}
-                 for i in range(3)]
+        moved = [
+            {k: {n: {leaf: v + 0.1 * (i + 1) for leaf, v in lv.items()} for n, lv in bv.items()} for k, bv in p.items()}
+            for i in range(3)
+        ]
         stacked = lf.stack(moved)
         batched = vmap(lambda q: logits(lf.call(model, q, x)))(stacked)
         loop = torch.stack([logits(lf.call(model, q, x)) for q in moved])

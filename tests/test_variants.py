@@ -1,4 +1,5 @@
 """Contract tests, parametrised over the variant registry (SPEC.md §2)."""
+
 import pytest
 import torch
 from cases import D_IN, D_OUT, all_cases, case_id

@@ -18,6 +18,7 @@ and optionally
 The registry holds a ``VariantSpec`` per name (absent hooks are ``None``); the runtime looks
 variants up here by ``cfg.variant_name`` and never branches on a name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -71,14 +72,18 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 def get(name: str) -> VariantSpec:
     if name not in REGISTRY:
-        raise KeyError(f"unknown variant {name!r}; known variants: {sorted(REGISTRY)} (register your own with lf.register_variant)")
+        raise KeyError(
+            f"unknown variant {name!r}; known variants: {sorted(REGISTRY)} (register your own with lf.register_variant)"
+        )
     return REGISTRY[name]
 
 
 def module_for(cfg) -> VariantSpec:
     name = getattr(type(cfg), "variant_name", None)
     if name is None:
-        raise TypeError(f"{cfg!r} is not a lite_fn config; use one of lite_fn.LoRAConfig, DoRAConfig, … (variants: {sorted(REGISTRY)})")
+        raise TypeError(
+            f"{cfg!r} is not a lite_fn config; use one of lite_fn.LoRAConfig, DoRAConfig, … (variants: {sorted(REGISTRY)})"
+        )
     return get(name)
 
 

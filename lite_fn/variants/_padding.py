@@ -5,6 +5,7 @@ A variant's ``pad(path, present, K, own)`` gets the leaves of the adapters that 
 computing exactly what it computed alone (or raises ``PadError`` explaining why it cannot).
 ``own(k, leaf)`` is adapter k's value of a leaf elsewhere in its tree (its steering alpha), or None.
 """
+
 from __future__ import annotations
 
 from typing import NoReturn
@@ -43,8 +44,9 @@ def lowrank(name: str, path: str, present: dict, K: int, axes: dict[str, int]) -
     the other leaves, which are copied from another adapter)."""
     same_leaf_names(name, path, present)
     R = max(leaves["A"].shape[0] for leaves in present.values())
-    out = {k: {leaf: (grown(v, R, axes[leaf]) if leaf in axes else v) for leaf, v in leaves.items()}
-           for k, leaves in present.items()}
+    out = {
+        k: {leaf: (grown(v, R, axes[leaf]) if leaf in axes else v) for leaf, v in leaves.items()} for k, leaves in present.items()
+    }
     donor = out[min(present)]
     for k in range(K):
         if k not in out:

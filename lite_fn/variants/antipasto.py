@@ -31,6 +31,7 @@ calibration inputs, best r kept in index order; needs a Stat, see ``stat``).
 Deviation: the reference keeps a dense residual W_res = W − U S Vᵀ; we keep W shared and
 subtract ((x V) ⊙ S) Uᵀ instead (same function, no dense copy).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,17 +64,23 @@ class AntiPaSTOConfig:
         who = type(self).__name__
         _checks.positive_int("r", self.r, who)
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
-            raise ValueError(f"{who}: block_size={self.block_size!r} must be an int >= 2 (a rotation block needs two dims; e.g. block_size=4)")
+            raise ValueError(
+                f"{who}: block_size={self.block_size!r} must be an int >= 2 (a rotation block needs two dims; e.g. block_size=4)"
+            )
         if self.r % self.block_size:
             lo, hi = self.r // self.block_size * self.block_size, (self.r // self.block_size + 1) * self.block_size
             valid = f"r={lo} or r={hi}" if lo else f"r={hi}"
-            raise ValueError(f"{who}: r={self.r} is not a multiple of block_size={self.block_size}; use {valid} (or a block_size dividing {self.r})")
+            raise ValueError(
+                f"{who}: r={self.r} is not a multiple of block_size={self.block_size}; use {valid} (or a block_size dividing {self.r})"
+            )
         _checks.finite_number("max_angle", self.max_angle, who)
         if not 0.0 < self.max_angle < math.pi:
             raise ValueError(f"{who}: max_angle={self.max_angle!r} must be in (0, π) radians (e.g. max_angle=0.5)")
         _checks.one_of("select", self.select, {"top", "data"}, who)
         if not (self.rotate_v or self.rotate_u):
-            raise ValueError(f"{who}: rotate_v=False and rotate_u=False leaves nothing to rotate; set rotate_v=True (the reference default) and/or rotate_u=True")
+            raise ValueError(
+                f"{who}: rotate_v=False and rotate_u=False leaves nothing to rotate; set rotate_v=True (the reference default) and/or rotate_u=True"
+            )
         _checks.finite_number("alpha", self.alpha, who)
 
 
@@ -99,10 +106,14 @@ class Stat:
         who = "antipasto.Stat.update"
         if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[-1] != self.d_in:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{who}: x has shape {shape} but the layer expects d_in={self.d_in}; pass inputs of shape (..., {self.d_in})")
+            raise ValueError(
+                f"{who}: x has shape {shape} but the layer expects d_in={self.d_in}; pass inputs of shape (..., {self.d_in})"
+            )
         X = x.detach().reshape(-1, self.d_in)
         if not bool(torch.isfinite(X).all()):
-            raise ValueError(f"{who}: x contains {int((~torch.isfinite(X)).sum())} NaN/inf entries; calibration inputs must be finite")
+            raise ValueError(
+                f"{who}: x contains {int((~torch.isfinite(X)).sum())} NaN/inf entries; calibration inputs must be finite"
+            )
         proj = X.to(self.V_full) @ self.V_full  # (tokens, k) per-token projections in fp32 ...
         self.abs_sum = self.abs_sum + proj.abs().sum(0, dtype=torch.float64)  # ... summed in float64
         self.tokens += X.shape[0]
@@ -126,7 +137,9 @@ def _select(S: Tensor, cfg: AntiPaSTOConfig, st: Stat | None, d_in: int) -> Tens
     _checks.calibration_stat(st, Stat, cfg.r, who, "AntiPaSTO select='data'", "antipasto.stat(cfg, W)")
     assert isinstance(st, Stat)  # calibration_stat raised otherwise
     if st.d_in != d_in or st.abs_sum.numel() != S.numel():
-        raise ValueError(f"{who}: stat was built for another weight shape (d_in={st.d_in}); build it with antipasto.stat(cfg, W) for this layer")
+        raise ValueError(
+            f"{who}: stat was built for another weight shape (d_in={st.d_in}); build it with antipasto.stat(cfg, W) for this layer"
+        )
     score = S.double() * st.abs_sum.to(S.device) / st.tokens  # S_i · mean |x · v_i|
     return torch.topk(score, cfg.r).indices.sort().values
 
@@ -147,9 +160,13 @@ def init(key: _keys.Key, W: Tensor, cfg: AntiPaSTOConfig, stat: Stat | None = No
         "delta_s": linalg.truncated_normal(_keys.generator(k_s), (cfg.r,), std=4e-4, mean=4e-4).to(**opts).requires_grad_(True),
     }
     if cfg.rotate_v:
-        params["rot_v"] = linalg.truncated_normal(_keys.generator(k_v), (n_blocks, n_params), std=1e-4).to(**opts).requires_grad_(True)
+        params["rot_v"] = (
+            linalg.truncated_normal(_keys.generator(k_v), (n_blocks, n_params), std=1e-4).to(**opts).requires_grad_(True)
+        )
     if cfg.rotate_u:
-        params["rot_u"] = linalg.truncated_normal(_keys.generator(k_u), (n_blocks, n_params), std=1e-4).to(**opts).requires_grad_(True)
+        params["rot_u"] = (
+            linalg.truncated_normal(_keys.generator(k_u), (n_blocks, n_params), std=1e-4).to(**opts).requires_grad_(True)
+        )
     params["alpha"] = torch.tensor(cfg.alpha, **opts)
     params["max_angle"] = torch.tensor(cfg.max_angle, **opts)
     return params
@@ -196,8 +213,11 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     rots = sorted({leaf for v in present.values() for leaf in v if leaf in ("rot_v", "rot_u")})
     sizes = {k: {v["S"].shape[0] // v[rot].shape[0] for rot in rots if rot in v} for k, v in present.items()}
     if len({bs for s in sizes.values() for bs in s}) > 1:
-        _padding.refuse(NAME, path, f"the adapters use different rotation block sizes there ({sizes}); only equal "
-                                    f"block sizes pad with identity blocks")
+        _padding.refuse(
+            NAME,
+            path,
+            f"the adapters use different rotation block sizes there ({sizes}); only equal block sizes pad with identity blocks",
+        )
     bs = next(iter(next(iter(sizes.values()))))
     R = max(v["S"].shape[0] for v in present.values())
     out = {}
@@ -206,8 +226,10 @@ def pad(path: str, present: dict, K: int, own) -> dict:
         for rot in rots:  # zero rotation params: R = cayley(0) = I exactly
             if rot not in leaves:
                 leaves[rot] = leaves["S"].new_zeros((leaves["S"].shape[0] // bs, bs * (bs - 1) // 2))
-        out[k] = {leaf: (_padding.grown(v, R // bs if leaf in rots else R, axes[leaf]) if leaf in axes else v)
-                  for leaf, v in leaves.items()}
+        out[k] = {
+            leaf: (_padding.grown(v, R // bs if leaf in rots else R, axes[leaf]) if leaf in axes else v)
+            for leaf, v in leaves.items()
+        }
     donor = out[min(present)]
     for k in range(K):
         if k in out:

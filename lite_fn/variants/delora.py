@@ -16,6 +16,7 @@ peft's DeloraLinear.forward; r in λ/r is A's row count. λ₀ = 0 is rejected: 
 identity, but every gradient would be zero (B's is scaled by λ, A's and λ's by B = 0), so training
 could never start (SPEC §4). Not here: peft's module_dropout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,10 @@ class DeLoRAConfig:
         _checks.positive_int("r", self.r, who)
         _checks.finite_number("lam", self.lam, who)
         if self.lam == 0:
-            raise ValueError(f"{who}: lam={self.lam!r} would make every gradient zero at init (B = 0 and the B gradient is "
-                             f"scaled by lam), so training never starts; use a nonzero lam such as peft's lam=15.0")
+            raise ValueError(
+                f"{who}: lam={self.lam!r} would make every gradient zero at init (B = 0 and the B gradient is "
+                f"scaled by lam), so training never starts; use a nonzero lam such as peft's lam=15.0"
+            )
 
 
 Config = DeLoRAConfig

@@ -20,6 +20,7 @@ Dropout (``dropout`` leaf, with the runtime's ``noise``; peft's DoRA path with l
     y = x Wᵀ + b + (m/n − 1) ⊙ x̃ Wᵀ + (m/n) ⊙ s·(x̃ Aᵀ) Bᵀ,   x̃ = x ⊙ [u ≥ p] / (1 − p)
 which is the formula above when x̃ = x.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,9 +75,13 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     adapter does not target is refused: its identity needs m = ‖W‖_row, which only W gives."""
     missing = [k for k in range(K) if k not in present]
     if missing:
-        _padding.refuse(NAME, path, f"adapter(s) {missing} do not target it, and DoRA's identity there needs m = ‖W‖_row, "
-                                    f"which only the model's weights give; add a DoRA layer for it to those adapters first "
-                                    f"(lf.init(key, model, lf.DoRAConfig(...), targets=...) gives the identity m)")
+        _padding.refuse(
+            NAME,
+            path,
+            f"adapter(s) {missing} do not target it, and DoRA's identity there needs m = ‖W‖_row, "
+            f"which only the model's weights give; add a DoRA layer for it to those adapters first "
+            f"(lf.init(key, model, lf.DoRAConfig(...), targets=...) gives the identity m)",
+        )
     return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1})
 
 

@@ -37,6 +37,7 @@ Conventions copied from peft (tuners/lora/eva.py, utils/incremental_pca.py):
 Not here: peft's rho > 1000 clamp (we cap r·rho at d_in instead, where peft would raise);
 peft's skipping of batches with fewer rows than r·rho (every token counts here).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys
-from . import _padding
-from . import lora
+from . import _padding, lora
 
 NAME = "eva"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
@@ -57,7 +57,6 @@ TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 def random_init(cfg) -> bool:
     """init draws no random numbers: every key gives the same params."""
     return False
-
 
 
 @dataclass(frozen=True)
@@ -151,10 +150,14 @@ def _rows(x: Tensor, d_in: int, who: str) -> Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who}: x must be a torch.Tensor of shape (..., {d_in}), got {type(x).__name__}")
     if x.ndim == 0 or x.shape[-1] != d_in:
-        raise ValueError(f"{who}: x has shape {tuple(x.shape)} but the layer expects d_in={d_in}; pass inputs of shape (..., {d_in})")
+        raise ValueError(
+            f"{who}: x has shape {tuple(x.shape)} but the layer expects d_in={d_in}; pass inputs of shape (..., {d_in})"
+        )
     X = x.detach().reshape(-1, d_in).to(torch.float64)
     if not bool(torch.isfinite(X).all()):
-        raise ValueError(f"{who}: x contains {int((~torch.isfinite(X)).sum())} NaN/inf entries; calibration inputs must be finite")
+        raise ValueError(
+            f"{who}: x contains {int((~torch.isfinite(X)).sum())} NaN/inf entries; calibration inputs must be finite"
+        )
     return X
 
 
@@ -166,7 +169,9 @@ def stat(cfg: EVAConfig, W: Tensor) -> Stat:
 def check_stat(st, r: int, d_in: int, who: str) -> None:
     _checks.calibration_stat(st, Stat, r, who, "EVA", "eva.stat(cfg, W)")
     if st.d_in != d_in:
-        raise ValueError(f"{who}: stat was built for d_in={st.d_in} but W has d_in={d_in}; build it with eva.stat(cfg, W) for this layer")
+        raise ValueError(
+            f"{who}: stat was built for d_in={st.d_in} but W has d_in={d_in}; build it with eva.stat(cfg, W) for this layer"
+        )
 
 
 def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, stat: Stat | None = None) -> dict[str, Tensor]:
@@ -197,8 +202,9 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1})
 
 
-def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig],
-         dims: dict[str, tuple[int, int]] | None = None) -> dict[str, EVAConfig | None]:
+def plan(
+    stats: dict[str, Stat], cfgs: dict[str, EVAConfig], dims: dict[str, tuple[int, int]] | None = None
+) -> dict[str, EVAConfig | None]:
     """peft's rank redistribution: {layer: cfg with its new r (alpha adjusted), or None = no adapter}.
 
     Budget Σ r over layers; each layer offers its top round(r·rho) explained-variance ratios,
@@ -207,7 +213,9 @@ def plan(stats: dict[str, Stat], cfgs: dict[str, EVAConfig],
     worth of largest ratios is kept (stable sort: ties go to the earlier layer).
     """
     if stats.keys() != cfgs.keys():
-        raise ValueError(f"eva.plan: stats and cfgs must name the same layers; only in stats: {sorted(stats.keys() - cfgs.keys())}, only in cfgs: {sorted(cfgs.keys() - stats.keys())}")
+        raise ValueError(
+            f"eva.plan: stats and cfgs must name the same layers; only in stats: {sorted(stats.keys() - cfgs.keys())}, only in cfgs: {sorted(cfgs.keys() - stats.keys())}"
+        )
     owners, ratios = [], []
     for name, cfg in cfgs.items():
         st = stats[name]

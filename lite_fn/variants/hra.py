@@ -16,6 +16,7 @@ Not here: peft's apply_GS=True (Gram-Schmidt). It gives R = I − 2QQᵀ (Q the 
 which is never the identity; with peft's paired init the second vector of each pair orthogonalises
 to exactly zero and peft returns NaN, so there is no identity init to match.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ class HRAConfig:
         _checks.positive_int("r", self.r, who)
         if self.r % 2:
             use = f"r={self.r + 1} or r={self.r - 1}" if self.r > 1 else "r=2"
-            raise ValueError(f"{who}: r={self.r} must be even for HRA's identity init "
-                             f"(pairs of equal reflections cancel); use {use}")
+            raise ValueError(
+                f"{who}: r={self.r} must be even for HRA's identity init (pairs of equal reflections cancel); use {use}"
+            )
 
 
 Config = HRAConfig
@@ -52,8 +54,10 @@ Config = HRAConfig
 def init(key: _keys.Key, W: Tensor, cfg: HRAConfig, stat=None) -> dict[str, Tensor]:
     d_out, d_in = _checks.check_weight(W, "hra.init")
     if cfg.r > d_in:
-        raise ValueError(f"hra.init: r={cfg.r} exceeds d_in={d_in} for W of shape ({d_out}, {d_in}); "
-                         f"more than d_in reflections add nothing, use an even r <= {d_in - d_in % 2}")
+        raise ValueError(
+            f"hra.init: r={cfg.r} exceeds d_in={d_in} for W of shape ({d_out}, {d_in}); "
+            f"more than d_in reflections add nothing, use an even r <= {d_in - d_in % 2}"
+        )
     half = linalg.kaiming_uniform(_keys.generator(key), (cfg.r // 2, d_in), fan_in=cfg.r // 2)
     U = repeat(half, "k i -> (k two) i", two=2)  # (r, d_in): u_0 = u_1, u_2 = u_3, …
     return {"U": U.to(dtype=W.dtype, device=W.device).requires_grad_(True)}
@@ -67,9 +71,13 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
 
 def pad(path: str, present: dict, K: int, own) -> NoReturn:
     """lf.stack(pad=True) cannot pad HRA: refused with the reason."""
-    _padding.refuse(NAME, path, "HRA's reflections cannot be padded: a reflection of the zero vector is undefined "
-                                "(I − 2uuᵀ/‖u‖² at u = 0), and a pair of equal reflections is the identity only up to "
-                                "rounding; stack HRA adapters of equal r on equal target sets")
+    _padding.refuse(
+        NAME,
+        path,
+        "HRA's reflections cannot be padded: a reflection of the zero vector is undefined "
+        "(I − 2uuᵀ/‖u‖² at u = 0), and a pair of equal reflections is the identity only up to "
+        "rounding; stack HRA adapters of equal r on equal target sets",
+    )
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

@@ -9,6 +9,7 @@ rescales the bias), so this is the same map as W' = diag(g) W, b' = g ⊙ b.
 Identity at init: g = 1.
 The input-side form used for feed-forward down-projections is ``ia3_ff``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 def random_init(cfg) -> bool:
     """init draws no random numbers: every key gives the same params."""
     return False
-
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ peft uses this form for the layers listed in ``feedforward_modules`` (the FFN do
 the input is scaled, the bias passes through unscaled (peft's merge leaves it alone too).
 Identity at init: g = 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 def random_init(cfg) -> bool:
     """init draws no random numbers: every key gives the same params."""
     return False
-
 
 
 @dataclass(frozen=True)

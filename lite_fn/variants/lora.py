@@ -14,6 +14,7 @@ Dropout (peft's lora_dropout) acts on the adapter branch's input only, inverted:
 with u the uniform ``noise`` (same shape as x) that the runtime derives from an explicit key
 (``lf.call(..., key=k)``); no noise, no dropout, bit for bit.
 """
+
 from __future__ import annotations
 
 import math

@@ -21,6 +21,7 @@ niter=K is a randomized SVD with K power iterations, like peft's "pissa_niter_K"
 drawn from the key (peft draws from torch's global RNG and uses no oversampling; linalg.top_svd
 oversamples by 10 columns, so it is at least as accurate).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ NAME = "pissa"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 
 
-def random_init(cfg: "PiSSAConfig") -> bool:
+def random_init(cfg: PiSSAConfig) -> bool:
     """Whether different keys give different params for this config (randomized SVD only)."""
     return cfg.niter is not None
 
@@ -57,11 +58,15 @@ class PiSSAConfig:
         _checks.positive_int("r", self.r, who)
         _checks.finite_number("alpha", self.alpha, who)
         if self.alpha <= 0:
-            raise ValueError(f"{who}: alpha={self.alpha!r} must be > 0: PiSSA divides S by s = alpha/r and takes "
-                             f"its square root (e.g. alpha={2 * self.r})")
+            raise ValueError(
+                f"{who}: alpha={self.alpha!r} must be > 0: PiSSA divides S by s = alpha/r and takes "
+                f"its square root (e.g. alpha={2 * self.r})"
+            )
         if self.niter is not None and (isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0):
-            raise ValueError(f"{who}: niter={self.niter!r} must be None (exact SVD) or an int >= 0 "
-                             f"(power iterations of the randomized SVD, e.g. niter=4)")
+            raise ValueError(
+                f"{who}: niter={self.niter!r} must be None (exact SVD) or an int >= 0 "
+                f"(power iterations of the randomized SVD, e.g. niter=4)"
+            )
         check_dropout(self.dropout, who)
 
     @property

@@ -16,6 +16,7 @@ rot_half(y) = (−y_second, y_first) per group (paper eq. 4; peft's layout).
 
 Identity at init: θ = 0, α = 1 (so c₁ = 1, c₂ = 0).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,8 +54,10 @@ class ROADConfig:
         if self.group_size % 2:
             lower = self.group_size - 1
             hint = f"group_size={lower} or {lower + 2}" if lower else "group_size=2"
-            raise ValueError(f"{who}: group_size={self.group_size} must be even (each group pairs its first half "
-                             f"with its second half); use {hint}")
+            raise ValueError(
+                f"{who}: group_size={self.group_size} must be even (each group pairs its first half "
+                f"with its second half); use {hint}"
+            )
 
 
 Config = ROADConfig
@@ -64,11 +67,14 @@ def _check_groups(d_out: int, group_size: int, who: str) -> None:
     if d_out % group_size == 0:
         return
     if d_out % 2:
-        raise ValueError(f"{who}: d_out={d_out} is odd, so no even group_size={group_size} divides it; "
-                         "RoAd rotates output features in pairs and needs an even d_out")
+        raise ValueError(
+            f"{who}: d_out={d_out} is odd, so no even group_size={group_size} divides it; "
+            "RoAd rotates output features in pairs and needs an even d_out"
+        )
     valid = max(g for g in range(2, min(group_size, d_out) + 1, 2) if d_out % g == 0)
-    raise ValueError(f"{who}: group_size={group_size} does not divide d_out={d_out}; "
-                     f"use an even divisor of {d_out}, e.g. group_size={valid}")
+    raise ValueError(
+        f"{who}: group_size={group_size} does not divide d_out={d_out}; use an even divisor of {d_out}, e.g. group_size={valid}"
+    )
 
 
 def init(key: _keys.Key, W: Tensor, cfg: ROADConfig, stat=None) -> dict[str, Tensor]:
@@ -89,8 +95,10 @@ def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[st
     t = leaves.get("theta", ())
     forms = {3: {1: "road_1", 2: "road_2"}, 4: {2: "road_4"}}
     if len(t) not in forms or t[1] not in forms[len(t)] or (len(t) == 4 and t[2] != 2) or 2 * t[0] * t[-1] != d_out:
-        raise ValueError(f"theta of shape {t} is not a RoAd layout for d_out={d_out}; expected (G, 1, h) (road_1), "
-                         f"(G, 2, h) (road_2) or (G, 2, 2, h) (road_4) with 2·G·h = d_out (d_out must be even)")
+        raise ValueError(
+            f"theta of shape {t} is not a RoAd layout for d_out={d_out}; expected (G, 1, h) (road_1), "
+            f"(G, 2, h) (road_2) or (G, 2, 2, h) (road_4) with 2·G·h = d_out (d_out must be even)"
+        )
     return {"theta": t, "alpha": t}
 
 
@@ -100,9 +108,13 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     _padding.same_leaf_names(NAME, path, present)
     groups = {k: (v["theta"].shape[0], v["theta"].shape[-1]) for k, v in present.items()}
     if len(set(groups.values())) > 1:
-        _padding.refuse(NAME, path, "the adapters use different group sizes there ("
-                        + ", ".join(f"adapter {k}: group_size={2 * h}" for k, (_, h) in groups.items())
-                        + "), which pair different output features")
+        _padding.refuse(
+            NAME,
+            path,
+            "the adapters use different group sizes there ("
+            + ", ".join(f"adapter {k}: group_size={2 * h}" for k, (_, h) in groups.items())
+            + "), which pair different output features",
+        )
     G, h = next(iter(groups.values()))
     ndim = max(v["theta"].ndim for v in present.values())
     rows = max(v["theta"].shape[1] for v in present.values() if v["theta"].ndim == 3) if ndim == 3 else 2
@@ -127,8 +139,10 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     _checks.check_input(x, W, "road.apply")
     theta, alpha = params["theta"], params["alpha"]
     if 2 * theta.shape[0] * theta.shape[-1] != W.shape[0]:
-        raise ValueError(f"road.apply: theta of shape {tuple(theta.shape)} covers {2 * theta.shape[0] * theta.shape[-1]} "
-                         f"output features but W has d_out={W.shape[0]}; init the params from this W")
+        raise ValueError(
+            f"road.apply: theta of shape {tuple(theta.shape)} covers {2 * theta.shape[0] * theta.shape[-1]} "
+            f"output features but W has d_out={W.shape[0]}; init the params from this W"
+        )
     if theta.ndim == 4:  # road_4: separate (θ, α) for the two columns of each 2×2 block
         c1 = alpha[:, 0] * torch.cos(theta[:, 0])  # (g, s, h)
         c2 = alpha[:, 1] * torch.sin(theta[:, 1])
