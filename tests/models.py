@@ -37,3 +37,21 @@ def tokens(batch=2, seq=6, seed=0, vocab=64):
 
 def logits(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def tied_llama(device=None):
+    """A one-layer Llama whose lm_head shares the embedding's weight (tie_word_embeddings)."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
+    with torch.device(device or "cpu"):
+        model = tf.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 from helpers import perturb
-from models import logits, tiny, tokens
+from models import logits, tied_llama, tiny, tokens
 from torch import nn
 from torch.func import vmap
 
@@ -186,24 +186,8 @@ def test_base_gets_no_gradient_even_when_trainable():
 
 
 # ----------------------------------------------------------------------------- ties
-def _tied_llama():
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-    )
-    m = tf.LlamaForCausalLM(cfg).eval()
-    assert m.lm_head.weight is m.model.embed_tokens.weight
-    return m
-
-
 def test_tied_head_adapted_exactly_and_merge_refused():
-    model, x = _tied_llama(), tokens()
+    model, x = tied_llama(), tokens()
     p = moved(lf.init(0, model, lf.LoRAConfig(r=4), targets=r"lm_head$"), 3)
     out = logits(lf.call(model, p, x))
     h = model.model(x).last_hidden_state

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from helpers import perturb
-from models import logits, tiny, tokens
+from models import logits, tied_llama, tiny, tokens
 from safetensors.torch import load_file, save_file
 from torch.func import vmap
 
@@ -97,21 +97,8 @@ def test_gradients_reach_base_weights_only_when_asked():
 
 
 def test_tied_weights_follow_the_model():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-    )
-    model = tf.LlamaForCausalLM(cfg).eval()
-    with torch.device("meta"):
-        skeleton = tf.LlamaForCausalLM(cfg).eval()
+    model = tied_llama()
+    skeleton = tied_llama(device="meta")  # built on meta: the ties are the model's
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # as save_pretrained writes it
     weights = {**state, **dict(model.named_buffers())}
     p = moved(lf.init(0, model, lf.LoRAConfig(r=4), targets=TARGETS), 1)
