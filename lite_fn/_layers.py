@@ -229,6 +229,21 @@ def stored_weight(module: nn.Module) -> Tensor:
     return module.weight  # type: ignore[return-value]
 
 
+def weight_view(module: nn.Module, path: str) -> Tensor:
+    """The module's weight as (d_out, d_in) — for a module kind, a ``QuantizedWeight`` (shape, dtype,
+    device; values on demand): what leaf checks read."""
+    kind = kind_of(module, path)
+    if kind.op is None:
+        return QuantizedWeight(module, kind)  # type: ignore[return-value]
+    return kind.dense(module.weight)  # type: ignore[arg-type]
+
+
+def weight_values(module: nn.Module, path: str) -> Tensor:
+    """The module's weight values as (d_out, d_in), dequantized in the layer's compute dtype for module kinds."""
+    W = weight_view(module, path)
+    return W.dense() if isinstance(W, QuantizedWeight) else W
+
+
 def weight_bias(module: nn.Module, path: str) -> tuple[Tensor, Tensor | None]:
-    """(W (d_out, d_in), b or None) as the module currently holds them (dequantized for module kinds)."""
-    return kind_of(module, path).dense(module.weight), getattr(module, "bias", None)  # type: ignore[arg-type]
+    """(W (d_out, d_in) values, b or None) as the module currently holds them."""
+    return weight_values(module, path), getattr(module, "bias", None)

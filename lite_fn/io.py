@@ -679,7 +679,7 @@ def check_against(model, params, source="params") -> None:
             continue
         module = modules[mpath]
         try:
-            W = _layers.kind_of(module, mpath).dense(module.weight)
+            W = _layers.weight_view(module, mpath)
         except TypeError as e:
             problems.append(str(e))
             continue

@@ -596,7 +596,7 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
                     + ([f"has tensor(s) {unexpected} that use_dora={use_dora} does not use"] if unexpected else [])
                 )
             )
-        W = layer_kind.dense(module.weight)  # type: ignore[arg-type]
+        W = _layers.weight_values(module, mpath)
         params[mpath] = dict([_LEAVES[kind](ctx, mpath, found, W, layer_kind.name)])
     io.check_against(model, params, source=f"peft adapter {folder!r}")
     return trees._declared(params)
@@ -835,7 +835,7 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         ((name, leaves),) = bv.items()
         module = modules[path]
         lk = _layers.kind_of(module, path)
-        W = lk.dense(module.weight)  # type: ignore[arg-type]
+        W = _layers.weight_view(module, path)
         try:
             _checks.check_leaves(path, variants.get(name), leaves, W, 0)
         except ValueError:
