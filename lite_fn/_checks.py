@@ -35,18 +35,18 @@ def check_input(x: torch.Tensor, W: torch.Tensor, who: str) -> None:
         )
 
 
-def calibration_stat(st, stat_cls, r: int, who: str, what: str, build: str) -> None:
+def calibration_stat(statistic, stat_cls, r: int, who: str, what: str, build: str) -> None:
     """A data-driven init got a statistic of the right kind (``what``) that saw at least r tokens."""
-    if st is None:
+    if statistic is None:
         raise ValueError(
             f"{who}: {what} is data-driven and got no calibration statistic; pass calibration data to lf.init / build one with {build} and feed it with stat.update(x)"
         )
-    if not isinstance(st, stat_cls):
+    if not isinstance(statistic, stat_cls):
         raise TypeError(
-            f"{who}: stat is a {type(st).__module__}.{type(st).__name__}, not an {what} statistic; build one with {build}"
+            f"{who}: stat is a {type(statistic).__module__}.{type(statistic).__name__}, not an {what} statistic; build one with {build}"
         )
-    if st.tokens < r:
-        raise ValueError(f"{who}: calibration saw {st.tokens} tokens, fewer than r={r}; give more calibration data")
+    if statistic.tokens < r:
+        raise ValueError(f"{who}: calibration saw {statistic.tokens} tokens, fewer than r={r}; give more calibration data")
 
 
 def positive_int(name: str, value, who: str) -> None:

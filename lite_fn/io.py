@@ -84,13 +84,13 @@ def _configs_by_path(params, config) -> dict:
     if isinstance(config, dict):
         return {p: _config_json(c) for p, c in config.items() if c is not None}
     cfgs = list(config) if isinstance(config, (list, tuple)) else [config]
-    by_variant = {}
+    cfgs_by_name: dict[str, list] = {}
     for c in cfgs:
-        by_variant.setdefault(variants.module_for(c).NAME, []).append(c)
+        cfgs_by_name.setdefault(variants.module_for(c).NAME, []).append(c)
     out = {}
-    for path, bv in params.items():
-        for name in bv:
-            found = by_variant.get(name, [])
+    for path, by_variant in params.items():
+        for name in by_variant:
+            found = cfgs_by_name.get(name, [])
             if len(found) > 1:
                 raise ValueError(
                     f"config has {len(found)} {name} configs; pass config as a dict {{module_path: cfg}} to say which is which"
@@ -227,16 +227,16 @@ def _flatten(params) -> tuple[dict[str, torch.Tensor], dict, dict]:
             f"params must be the dict returned by lf.init ({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}"
         )
     tensors, entries, names = {}, {}, {}
-    for mpath, bv in params.items():
+    for mpath, by_variant in params.items():
         if not isinstance(mpath, str):
             raise TypeError(
                 f"params key {mpath!r} is a {type(mpath).__name__}; module paths are strings like 'model.layers.0.self_attn.q_proj'"
             )
-        if not isinstance(bv, dict) or len(bv) != 1:
+        if not isinstance(by_variant, dict) or len(by_variant) != 1:
             raise ValueError(
-                f"params[{mpath!r}] must hold exactly one variant, got {list(bv) if isinstance(bv, dict) else type(bv).__name__}"
+                f"params[{mpath!r}] must hold exactly one variant, got {list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}"
             )
-        ((name, leaves),) = bv.items()
+        ((name, leaves),) = by_variant.items()
         variants.get(name)  # KeyError naming the known variants
         if not isinstance(leaves, dict):
             raise TypeError(f"params[{mpath!r}][{name!r}] must be a dict {{leaf: Tensor}}, got {type(leaves).__name__}")
@@ -306,17 +306,17 @@ def save(path: str | os.PathLike, params: dict, *, config=None) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save to {shown!r}: directory {folder!r} does not exist; create it first (os.makedirs)")
     try:
-        st = os.stat(target)
+        info = os.stat(target)
     except FileNotFoundError:
         mode = 0o666 & ~_umask()
     else:
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(info.st_mode):
             via = f" (the symlink's target {target!r})" if target != os.path.abspath(shown) else ""
             raise ValueError(
-                f"cannot save to {shown!r}{via}: it is {_file_kind(st.st_mode)}, not a regular file; "
+                f"cannot save to {shown!r}{via}: it is {_file_kind(info.st_mode)}, not a regular file; "
                 f"pass a file path such as {os.path.join(shown, 'adapter.safetensors')!r}"
             )
-        mode = stat.S_IMODE(st.st_mode)
+        mode = stat.S_IMODE(info.st_mode)
 
     _remove_stale_temps(folder, base)
     tmp = os.path.join(folder, f".{base[:_TMP_NAME_MAX]}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
@@ -345,21 +345,21 @@ def _read_bytes(path) -> tuple[str, bytes]:
     if isinstance(shown, bytes):
         shown = os.fsdecode(shown)
     try:
-        st = os.stat(shown)
+        info = os.stat(shown)
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no checkpoint at {shown!r}; save one with lf.save(path, params)") from None
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(info.st_mode):
         raise ValueError(
-            f"{shown!r} is {_file_kind(st.st_mode)}, not a checkpoint file; pass the path of a "
+            f"{shown!r} is {_file_kind(info.st_mode)}, not a checkpoint file; pass the path of a "
             f".safetensors file written by lf.save"
         )
     # O_NONBLOCK: should the path have become a FIFO since the stat, opening it must not hang
     fd = os.open(shown, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError(
-                f"{shown!r} is {_file_kind(st.st_mode)}, not a checkpoint file; pass the path of a "
+                f"{shown!r} is {_file_kind(info.st_mode)}, not a checkpoint file; pass the path of a "
                 f".safetensors file written by lf.save"
             )
         return shown, f.read()
@@ -663,17 +663,17 @@ def check_against(model, params, source="params") -> None:
         )
     modules = dict(model.named_modules())
     problems, layers = [], []
-    for mpath, bv in params.items():
+    for mpath, by_variant in params.items():
         if mpath not in modules:
             near = difflib.get_close_matches(str(mpath), list(modules), n=3)
             problems.append(f"{mpath}: no such module in {type(model).__name__}" + (f" (similar paths: {near})" if near else ""))
             continue
-        if not isinstance(bv, dict) or len(bv) != 1:
+        if not isinstance(by_variant, dict) or len(by_variant) != 1:
             problems.append(
-                f"params[{mpath!r}] must hold exactly one variant, got {list(bv) if isinstance(bv, dict) else type(bv).__name__}"
+                f"params[{mpath!r}] must hold exactly one variant, got {list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}"
             )
             continue
-        ((name, leaves),) = bv.items()
+        ((name, leaves),) = by_variant.items()
         if name not in variants.REGISTRY:
             problems.append(f"params[{mpath!r}]: unknown variant {name!r}; known variants: {sorted(variants.REGISTRY)}")
             continue

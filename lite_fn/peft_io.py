@@ -343,11 +343,11 @@ def _adapter_dir(path, adapter_name: str | None) -> str:
 
 def _read_regular(file: str) -> bytes:
     try:
-        st = os.stat(file)
+        info = os.stat(file)
     except OSError as e:
         raise FileNotFoundError(f"cannot read {file!r}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{file!r} is {io._file_kind(st.st_mode)}, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{file!r} is {io._file_kind(info.st_mode)}, not a file")
     with open(file, "rb") as f:
         return f.read()
 
@@ -831,8 +831,8 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     modules = dict(model.named_modules())
     layers = []  # (path, variant name, leaves, W, kind name)
     stacked = []
-    for path, bv in params.items():
-        ((name, leaves),) = bv.items()
+    for path, by_variant in params.items():
+        ((name, leaves),) = by_variant.items()
         module = modules[path]
         lk = _layers.kind_of(module, path)
         W = _layers.weight_view(module, path)
@@ -1087,13 +1087,13 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
         )
     umask = io._umask()
     try:
-        st = os.stat(target)
+        info = os.stat(target)
     except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISDIR(st.st_mode):
+        info = None
+    if info is not None:
+        if not stat.S_ISDIR(info.st_mode):
             raise ValueError(
-                f"cannot save to {shown!r}: it is {io._file_kind(st.st_mode)}, not a directory; pass a new "
+                f"cannot save to {shown!r}: it is {io._file_kind(info.st_mode)}, not a directory; pass a new "
                 f"or existing adapter directory"
             )
         others = sorted(set(os.listdir(target)) - _OURS)
@@ -1102,7 +1102,7 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
                 f"cannot save to {shown!r}: the directory holds {others[:6]} besides peft adapter files; "
                 f"save_peft replaces the whole directory and will not delete them — use a new directory"
             )
-    dir_mode = stat.S_IMODE(st.st_mode) if st is not None else 0o777 & ~umask
+    dir_mode = stat.S_IMODE(info.st_mode) if info is not None else 0o777 & ~umask
 
     _remove_stale(folder, base)
     tmp = os.path.join(folder, f".{base[: io._TMP_NAME_MAX]}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
@@ -1112,7 +1112,7 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
         _write_file(os.path.join(tmp, _CONFIG), text, 0o666 & ~umask)
         os.chmod(tmp, dir_mode)
         io._fsync_dir(tmp)
-        if st is None:
+        if info is None:
             os.rename(tmp, target)  # atomic; fails if a non-empty directory appeared meanwhile
         elif _exchange(tmp, target):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old adapter

@@ -103,24 +103,24 @@ def _padded(params_list: list[Params]) -> list[Params]:
     for i, p in enumerate(params_list):
         if not isinstance(p, dict):
             raise TypeError(f"lf.stack: params #{i} is a {type(p).__name__}, not a params dict")
-        for path, bv in p.items():
-            if not isinstance(bv, dict) or len(bv) != 1:
+        for path, by_variant in p.items():
+            if not isinstance(by_variant, dict) or len(by_variant) != 1:
                 raise ValueError(
                     f"params #{i}[{path!r}] must hold exactly one variant, got "
-                    f"{list(bv) if isinstance(bv, dict) else type(bv).__name__}"
+                    f"{list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}"
                 )
             paths.setdefault(path)
 
     def own(k: int, name: str, leaf: str):
-        for bv in params_list[k].values():
-            if name in bv and leaf in bv[name]:
-                return bv[name][leaf]
+        for by_variant in params_list[k].values():
+            if name in by_variant and leaf in by_variant[name]:
+                return by_variant[name][leaf]
         return None
 
     out: list[Params] = [{} for _ in range(K)]
     for path in paths:
         present = {k: p[path] for k, p in enumerate(params_list) if path in p}
-        names = {k: next(iter(bv)) for k, bv in present.items()}
+        names = {k: next(iter(by_variant)) for k, by_variant in present.items()}
         if len(set(names.values())) > 1:
             raise ValueError(
                 f"lf.stack(pad=True): layer {path!r} holds different variants across adapters "
@@ -128,7 +128,7 @@ def _padded(params_list: list[Params]) -> list[Params]:
                 f"adapters of one method per layer"
             )
         name = next(iter(names.values()))
-        leaves = {k: bv[name] for k, bv in present.items()}
+        leaves = {k: by_variant[name] for k, by_variant in present.items()}
         shapes = {k: {leaf: tuple(v.shape) for leaf, v in lv.items()} for k, lv in leaves.items()}
         if len(present) == K and all(s == shapes[0] for s in shapes.values()):
             padded = leaves

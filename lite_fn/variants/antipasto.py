@@ -129,18 +129,18 @@ def _svd(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.linalg.svd(W.detach().to(torch.float32), full_matrices=False)
 
 
-def _select(S: Tensor, cfg: AntiPaSTOConfig, st: Stat | None, d_in: int) -> Tensor:
+def _select(S: Tensor, cfg: AntiPaSTOConfig, statistic: Stat | None, d_in: int) -> Tensor:
     """Indices of the r chosen singular dims, ascending."""
     if cfg.select == "top":
         return torch.arange(cfg.r, device=S.device)
     who = "antipasto.init"
-    _checks.calibration_stat(st, Stat, cfg.r, who, "AntiPaSTO select='data'", "antipasto.stat(cfg, W)")
-    assert isinstance(st, Stat)  # calibration_stat raised otherwise
-    if st.d_in != d_in or st.abs_sum.numel() != S.numel():
+    _checks.calibration_stat(statistic, Stat, cfg.r, who, "AntiPaSTO select='data'", "antipasto.stat(cfg, W)")
+    assert isinstance(statistic, Stat)  # calibration_stat raised otherwise
+    if statistic.d_in != d_in or statistic.abs_sum.numel() != S.numel():
         raise ValueError(
-            f"{who}: stat was built for another weight shape (d_in={st.d_in}); build it with antipasto.stat(cfg, W) for this layer"
+            f"{who}: stat was built for another weight shape (d_in={statistic.d_in}); build it with antipasto.stat(cfg, W) for this layer"
         )
-    score = S.double() * st.abs_sum.to(S.device) / st.tokens  # S_i · mean |x · v_i|
+    score = S.double() * statistic.abs_sum.to(S.device) / statistic.tokens  # S_i · mean |x · v_i|
     return torch.topk(score, cfg.r).indices.sort().values
 
 

@@ -166,11 +166,11 @@ def stat(cfg: EVAConfig, W: Tensor) -> Stat:
     return Stat(d_in, cfg.n_components, cfg.tau, W.device)
 
 
-def check_stat(st, r: int, d_in: int, who: str) -> None:
-    _checks.calibration_stat(st, Stat, r, who, "EVA", "eva.stat(cfg, W)")
-    if st.d_in != d_in:
+def check_stat(statistic, r: int, d_in: int, who: str) -> None:
+    _checks.calibration_stat(statistic, Stat, r, who, "EVA", "eva.stat(cfg, W)")
+    if statistic.d_in != d_in:
         raise ValueError(
-            f"{who}: stat was built for d_in={st.d_in} but W has d_in={d_in}; build it with eva.stat(cfg, W) for this layer"
+            f"{who}: stat was built for d_in={statistic.d_in} but W has d_in={d_in}; build it with eva.stat(cfg, W) for this layer"
         )
 
 
@@ -218,10 +218,10 @@ def plan(
         )
     owners, ratios = [], []
     for name, cfg in cfgs.items():
-        st = stats[name]
-        check_stat(st, cfg.r, getattr(st, "d_in", 0), f"eva.plan[{name!r}]")
-        d_out, d_in = (dims or {}).get(name, (st.d_in, st.d_in))
-        evr = st.explained_variance_ratio()[: min(cfg.n_components, d_in, d_out, st.tokens)].cpu()
+        statistic = stats[name]
+        check_stat(statistic, cfg.r, getattr(statistic, "d_in", 0), f"eva.plan[{name!r}]")
+        d_out, d_in = (dims or {}).get(name, (statistic.d_in, statistic.d_in))
+        evr = statistic.explained_variance_ratio()[: min(cfg.n_components, d_in, d_out, statistic.tokens)].cpu()
         owners += [name] * evr.numel()
         ratios.append(evr)
     order = torch.sort(torch.cat(ratios), descending=True, stable=True).indices
