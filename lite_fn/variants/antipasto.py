@@ -44,6 +44,19 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 from . import _padding
 
+__all__ = [
+    "NAME",
+    "STEERING_LEAF",
+    "TRAINABLE",
+    "AntiPaSTOConfig",
+    "Config",
+    "Stat",
+    "apply",
+    "init",
+    "pad",
+    "shapes",
+    "stat",
+]  # the variant contract; other names are shared helpers
 NAME = "antipasto"
 TRAINABLE = frozenset({"delta_s", "rot_v", "rot_u"})  # leaves an optimizer updates
 STEERING_LEAF = "alpha"

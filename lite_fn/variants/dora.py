@@ -34,6 +34,16 @@ from . import _padding
 from .lora import LoRAConfig, delta, dropped, init_factors
 from .lora import shapes as lora_shapes
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "DoRAConfig",
+    "apply",
+    "init",
+    "pad",
+    "shapes",
+]  # the variant contract; other names are shared helpers
 NAME = "dora"
 TRAINABLE = frozenset({"A", "B", "m"})  # leaves an optimizer updates
 

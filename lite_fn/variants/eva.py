@@ -50,6 +50,20 @@ from torch import Tensor
 from .. import _checks, _keys
 from . import _padding, lora
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "EVAConfig",
+    "Stat",
+    "apply",
+    "init",
+    "pad",
+    "plan",
+    "random_init",
+    "shapes",
+    "stat",
+]  # the variant contract; other names are shared helpers
 NAME = "eva"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 

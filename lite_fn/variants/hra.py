@@ -29,6 +29,16 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 from . import _padding
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "HRAConfig",
+    "apply",
+    "init",
+    "pad",
+    "shapes",
+]  # the variant contract; other names are shared helpers
 NAME = "hra"
 TRAINABLE = frozenset({"U"})  # leaves an optimizer updates
 

@@ -22,6 +22,17 @@ from torch import Tensor
 from .. import _checks, _keys
 from . import _padding
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "IA3Config",
+    "apply",
+    "init",
+    "pad",
+    "random_init",
+    "shapes",
+]  # the variant contract; other names are shared helpers
 NAME = "ia3"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 

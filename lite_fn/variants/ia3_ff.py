@@ -22,6 +22,17 @@ from .. import _checks, _keys
 from . import _padding
 from .ia3 import ones_gain
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "IA3FFConfig",
+    "apply",
+    "init",
+    "pad",
+    "random_init",
+    "shapes",
+]  # the variant contract; other names are shared helpers
 NAME = "ia3_ff"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 

@@ -27,6 +27,16 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 from . import _padding
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "LoRAConfig",
+    "apply",
+    "init",
+    "pad",
+    "shapes",
+]  # the variant contract; other names are shared helpers
 NAME = "lora"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 

@@ -35,6 +35,17 @@ from . import _padding
 from .lora import check_dropout, delta, dropout_leaf, dropped, scaling
 from .lora import shapes as lora_shapes
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "PiSSAConfig",
+    "apply",
+    "init",
+    "pad",
+    "random_init",
+    "shapes",
+]  # the variant contract; other names are shared helpers
 NAME = "pissa"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 

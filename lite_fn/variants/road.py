@@ -29,6 +29,17 @@ from torch import Tensor
 from .. import _checks, _keys
 from . import _padding
 
+__all__ = [
+    "NAME",
+    "TRAINABLE",
+    "Config",
+    "ROADConfig",
+    "apply",
+    "init",
+    "pad",
+    "random_init",
+    "shapes",
+]  # the variant contract; other names are shared helpers
 NAME = "road"
 TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
 
