@@ -426,16 +426,22 @@ def main(argv: list[str] | None = None) -> dict:
 
         return demo_steer.main([a for a in argv if a != "--steer"])
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    return run_with_threads(run_demo, args, args.threads)
+
+
+def run_with_threads(run, args, threads: int | None) -> dict:
+    """``run(args)`` with torch on ``threads`` threads (None: as it is), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         with warnings.catch_warnings():
             # torch has no vmap batching rule for CPU flash attention yet and loops over the batch
             # there instead: correct, only slower; the warning would repeat on every vmapped call
             warnings.filterwarnings("ignore", message=".*have not yet implemented the batching rule.*")
-            return run_demo(args)
+            return run(args)
     finally:
-        torch.set_num_threads(threads)  # main() may run inside another process (the tests)
+        torch.set_num_threads(before)  # main() may run inside another process (the tests)
 
 
 if __name__ == "__main__":

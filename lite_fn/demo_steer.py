@@ -46,7 +46,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -525,23 +524,21 @@ def decode(tok, new: Tensor) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- training
-def train_steer(model, tok, params: dict, steps: int, lr: float, batch_size: int, seed: int, progress: bool) -> dict:
-    """Anti-parallel AntiPaSTO: alpha=+1 on the cheerful answers and alpha=−1 on the gloomy ones, every step."""
-    opt = torch.optim.AdamW(lf.trainable(params), lr=lr, weight_decay=0.0)
+def _minimize(
+    leaves: list[Tensor], loss_of, n_items: int, *, steps: int, lr: float, batch_size: int, seed: int, desc: str, progress: bool
+) -> dict:
+    """AdamW on ``leaves`` for ``steps`` steps; each step's loss is ``loss_of(indices)`` on a batch of a
+    reshuffled epoch of ``n_items`` examples. Returns seconds and the first and last loss."""
+    opt = torch.optim.AdamW(leaves, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(len(STEER_TRAIN), generator=gen), 0
-    bar = tqdm(total=steps, desc="train AntiPaSTO (alpha=+1 cheerful, -1 gloomy)", disable=not progress)
+    order, pos = torch.randperm(n_items, generator=gen), 0
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
         if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(STEER_TRAIN), generator=gen), 0
-        rows, pos = [STEER_TRAIN[i] for i in order[pos : pos + batch_size]], pos + batch_size
-        up = answer_batch(tok, [(p, a) for p, a, _ in rows])
-        down = answer_batch(tok, [(p, a) for p, _, a in rows])
-        loss = -(
-            answer_logprob(model, lf.with_alpha(params, 1.0), up).mean()
-            + answer_logprob(model, lf.with_alpha(params, -1.0), down).mean()
-        )
+            order, pos = torch.randperm(n_items, generator=gen), 0
+        idx, pos = order[pos : pos + batch_size], pos + batch_size
+        loss = loss_of(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -552,34 +549,53 @@ def train_steer(model, tok, params: dict, steps: int, lr: float, batch_size: int
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     return {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def train_steer(model, tok, params: dict, steps: int, lr: float, batch_size: int, seed: int, progress: bool) -> dict:
+    """Anti-parallel AntiPaSTO: alpha=+1 on the cheerful answers and alpha=−1 on the gloomy ones, every step."""
+
+    def loss_of(idx):
+        rows = [STEER_TRAIN[i] for i in idx]
+        up = answer_batch(tok, [(p, a) for p, a, _ in rows])
+        down = answer_batch(tok, [(p, a) for p, _, a in rows])
+        return -(
+            answer_logprob(model, lf.with_alpha(params, 1.0), up).mean()
+            + answer_logprob(model, lf.with_alpha(params, -1.0), down).mean()
+        )
+
+    return _minimize(
+        lf.trainable(params),
+        loss_of,
+        len(STEER_TRAIN),
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        desc="train AntiPaSTO (alpha=+1 cheerful, -1 gloomy)",
+        progress=progress,
+    )
 
 
 def train_loras(model, tok, stacked: dict, steps: int, lr: float, seed: int, progress: bool) -> dict:
     """Both LoRAs in one routed batch: each example goes to its task's adapter of the stacked tree."""
-    opt = torch.optim.AdamW(lf.trainable(stacked), lr=lr, weight_decay=0.0)
     pairs = [(q, ans[k]) for k in range(len(LORA_TASKS)) for q, *ans in LORA_TRAIN]
     route_all = torch.tensor([k for k in range(len(LORA_TASKS)) for _ in LORA_TRAIN])
-    batch_size = min(8, len(pairs))
-    gen = torch.Generator().manual_seed(seed + 1)
-    order, pos = torch.randperm(len(pairs), generator=gen), 0
-    bar = tqdm(total=steps, desc=f"train LoRAs {'+'.join(LORA_TASKS)} (routed)", disable=not progress)
-    t0, losses = time.perf_counter(), []
-    for _ in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(pairs), generator=gen), 0
-        idx, pos = order[pos : pos + batch_size], pos + batch_size
+
+    def loss_of(idx):
         batch = answer_batch(tok, [pairs[i] for i in idx])
-        loss = -answer_logprob(model, stacked, batch, route=route_all[idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        bar.update(1)
-    losses = losses or [float("nan")]  # --steps 0: the untrained init
-    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    return {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1]}
+        return -answer_logprob(model, stacked, batch, route=route_all[idx]).mean()
+
+    return _minimize(
+        lf.trainable(stacked),
+        loss_of,
+        len(pairs),
+        steps=steps,
+        lr=lr,
+        batch_size=min(8, len(pairs)),
+        seed=seed + 1,
+        desc=f"train LoRAs {'+'.join(LORA_TASKS)} (routed)",
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------- measures
@@ -907,16 +923,10 @@ def run_demo(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the steering demo; returns the results (also written to --out/steer_results.json), "problems" included."""
+    from lite_fn.demo import run_with_threads  # the default demo's runner (it imports this module lazily)
+
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*have not yet implemented the batching rule.*")
-            return run_demo(args)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside another process (the tests)
+    return run_with_threads(run_demo, args, args.threads)
 
 
 if __name__ == "__main__":
