@@ -40,7 +40,7 @@ class Variant(Protocol):
     TRAINABLE: frozenset[str]  # the leaves an optimizer updates; every other leaf is frozen
     Config: type  # a frozen dataclass with ``variant_name: ClassVar[str] = NAME``
 
-    def init(self, key: Any, W: Tensor, cfg: Any, stat: Stat | None = None) -> Leaves: ...
+    def init(self, key: Any, W: Tensor, cfg: Any, statistic: Stat | None = None) -> Leaves: ...
 
     def apply(self, params: Leaves, W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor: ...
 
@@ -83,7 +83,7 @@ class VariantSpec:
         if missing:
             raise TypeError(
                 f"{variant!r} is not a lite_fn variant: it lacks {missing} (a variant defines NAME, TRAINABLE, "
-                f"Config, init(key, W, cfg, stat=None), apply(params, W, x, b=None) and shapes(leaves, d_out, d_in))"
+                f"Config, init(key, W, cfg, statistic=None), apply(params, W, x, b=None) and shapes(leaves, d_out, d_in))"
             )
         if not isinstance(variant.NAME, str) or not variant.NAME.isidentifier():
             raise ValueError(f"variant NAME={variant.NAME!r} must be an identifier-like string (e.g. 'my_lora')")

@@ -131,3 +131,18 @@ def needs_calibration(cfg, model) -> bool:
         return False
     W = next(m.weight for m in model.modules() if isinstance(m, nn.Linear))
     return variant.stat(cfg, W.detach()) is not None
+
+
+def moved(params, seed=1, scale=0.1):
+    """A params tree with every trainable leaf perturbed (``perturb``), each layer with its own seed."""
+    return {p: {n: perturb(lv, seed + i, scale) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
+
+
+def steered(params, value):
+    """``lf.with_alpha(params, value)`` for steerable params; other params as they are."""
+    import lite_fn as lf
+
+    try:
+        return lf.with_alpha(params, value)
+    except ValueError:
+        return params

@@ -7,17 +7,13 @@ import inspect
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import moved
 from models import tiny, tokens
 from torch import nn
 
 import lite_fn as lf
 
 TARGETS = r"(q_proj|v_proj|down_proj)$"
-
-
-def moved(params, seed=1):
-    return {p: {n: perturb(lv, seed + i) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
 
 
 def leaves_of(params):

@@ -4,18 +4,19 @@ one adapter, K routed adapters, an alpha sweep, beam search, with and without KV
 import copy
 import threading
 
+import helpers
 import pytest
 import torch
-from helpers import perturb
 from models import tiny, tokens
 
 import lite_fn as lf
 
+
+def moved(params, seed, scale=0.3):  # large enough that the adapters change greedy tokens
+    return helpers.moved(params, seed, scale)
+
+
 TARGETS = r"(q_proj|v_proj|down_proj)$"
-
-
-def moved(params, seed, scale=0.3):
-    return {p: {n: perturb(lv, seed + i, scale) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
 
 
 def greedy(model, ids, **kw):

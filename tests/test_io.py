@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from cases import all_cases, case_id
-from helpers import needs_calibration, perturb
+from helpers import moved, needs_calibration, steered
 from models import logits, tiny, tokens
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -35,17 +35,6 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="FIFOs, SIGKILL, umas
 # ----------------------------------------------------------------------------- helpers
 def model_params(cfg, model, targets=QV, key=0):
     return lf.init(key, model, cfg, targets=targets, calibration=CALIB if needs_calibration(cfg, model) else None, progress=False)
-
-
-def moved(params, seed):
-    return {p: {n: perturb(lv, seed + i) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
-
-
-def steer(params, value):
-    try:
-        return lf.with_alpha(params, value)
-    except ValueError:
-        return params
 
 
 def lora(seed=1, model=None):
@@ -105,7 +94,7 @@ def temps(folder):
 def test_round_trip_bit_identical_and_same_outputs(case, tmp_path):
     _, cfg = case
     model, x = tiny("llama"), tokens()
-    params = steer(moved(model_params(cfg, model), 3), 0.7)
+    params = steered(moved(model_params(cfg, model), 3), 0.7)
     f = tmp_path / "adapter.safetensors"
     lf.save(f, params, config=cfg)
     back = lf.load(f, model=model)

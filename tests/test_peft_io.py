@@ -12,7 +12,7 @@ import os
 import peft
 import pytest
 import torch
-from helpers import perturb, rel_err
+from helpers import moved, rel_err
 from models import logits, tiny, tokens
 from safetensors.torch import load_file, save_file
 from torch.func import vmap
@@ -79,7 +79,7 @@ def edit_config(path, **fields):
 
 def moved_params(params, seed=0, scale=0.1):
     """lite_fn params with every trainable leaf moved off its init."""
-    return {p: {n: perturb(lv, seed + i, scale) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
+    return moved(params, seed, scale)
 
 
 def assert_same(a, b, effect_vs=None, tol=1e-5):

@@ -7,7 +7,7 @@ import tempfile
 import pytest
 import torch
 import transformers as tf
-from helpers import perturb, rel_err
+from helpers import moved, rel_err
 
 import lite_fn as lf
 
@@ -66,10 +66,6 @@ def quantized(quant: str, kind: str = "llama", train: bool = False):
 
 def tokens(batch=3, seq=6, seed=0):
     return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def moved(params, seed):
-    return {p: {n: perturb(lv, seed + i) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
 
 
 def state(model):

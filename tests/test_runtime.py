@@ -3,7 +3,7 @@
 import pytest
 import torch
 from cases import all_cases, case_id
-from helpers import needs_calibration, perturb, rel_err
+from helpers import moved, needs_calibration, rel_err, steered
 from models import logits, tiny, tokens
 from torch.func import vmap
 
@@ -16,17 +16,6 @@ CALIB = [tokens(2, 6, seed=100 + i) for i in range(3)]
 
 def model_params(cfg, model, key=0, **kw):
     return lf.init(key, model, cfg, calibration=CALIB if needs_calibration(cfg, model) else None, progress=False, **kw)
-
-
-def moved(params, seed):
-    return {p: {n: perturb(lv, seed + i) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
-
-
-def steer(params, value):
-    try:
-        return lf.with_alpha(params, value)
-    except ValueError:
-        return params
 
 
 def snapshot(model):
@@ -62,7 +51,7 @@ def test_call_is_model_and_leaves_it_untouched(kind):
 def test_every_variant_identity_through_model(case):
     _, cfg = case
     model, x = tiny("llama"), tokens()
-    params = steer(model_params(cfg, model), 0.0)
+    params = steered(model_params(cfg, model), 0.0)
     assert rel_err(logits(lf.call(model, params, x)), logits(model(x))) <= 1e-6
 
 
@@ -70,7 +59,7 @@ def test_every_variant_identity_through_model(case):
 def test_vmap_many_adapters_and_routed_batch(case):
     _, cfg = case
     model, x = tiny("llama"), tokens(3, 5)
-    base = steer(model_params(cfg, model), 1.0)
+    base = steered(model_params(cfg, model), 1.0)
     ps = [moved(base, 10 * k) for k in range(3)]
     stacked = lf.stack(ps)
     got = vmap(lambda p: logits(lf.call(model, p, x)))(stacked)
@@ -87,7 +76,7 @@ def test_training_moves_trainable_leaves_only(case):
     _, cfg = case
     model, x = tiny("llama"), tokens()
     before = snapshot(model)
-    params = steer(model_params(cfg, model), 1.0)
+    params = steered(model_params(cfg, model), 1.0)
     start = {id(v): v.detach().clone() for v in lf.trainable(params)}
     frozen0 = [v.clone() for v in lf.partition(params)[1] and _leaves(lf.partition(params)[1])]
     opt = torch.optim.AdamW(lf.trainable(params), lr=1e-2)
@@ -112,7 +101,7 @@ def _leaves(tree):
 def test_save_load_round_trip(case, tmp_path):
     _, cfg = case
     model = tiny("llama")
-    params = steer(moved(model_params(cfg, model), 3), 0.7)
+    params = steered(moved(model_params(cfg, model), 3), 0.7)
     f = tmp_path / "adapter.safetensors"
     lf.save(f, params, config=cfg)
     back = lf.load(f, model=model)
@@ -136,7 +125,7 @@ def test_merge_equals_call(case, kind):
     model, x = tiny(kind), tokens()
     if kind == "gpt2" and lf.variants.module_for(cfg).NAME == "road":
         cfg = type(cfg)(variant=cfg.variant, group_size=8)
-    params = steer(moved(model_params(cfg, model), 5), 0.8)
+    params = steered(moved(model_params(cfg, model), 5), 0.8)
     merged = lf.merge(model, params)
     dense = torch.func.functional_call(model, merged, (x,))
     assert rel_err(logits(dense), logits(lf.call(model, params, x))) <= 1e-4

@@ -7,16 +7,12 @@ import threading
 import pytest
 import torch
 import transformers as tf
-from helpers import perturb
+from helpers import moved
 from models import logits, tied_llama, tiny, tokens
 from torch import nn
 from torch.func import vmap
 
 import lite_fn as lf
-
-
-def moved(params, seed):
-    return {p: {n: perturb(lv, seed + i) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
 
 
 def lora(model, seed, targets=r"(q_proj|v_proj|down_proj)$", r=4):

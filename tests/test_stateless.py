@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import moved
 from models import logits, tied_llama, tiny, tokens
 from safetensors.torch import load_file, save_file
 from torch.func import vmap
@@ -12,10 +12,6 @@ from torch.func import vmap
 import lite_fn as lf
 
 TARGETS = r"(q_proj|v_proj|down_proj)$"
-
-
-def moved(params, seed):
-    return {p: {n: perturb(lv, seed + i) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
 
 
 def skeleton_and_weights(kind="llama"):

@@ -5,7 +5,7 @@ The contract (``lite_fn._contract``): a variant defines
     NAME: str                               # the key under params[module_path]
     TRAINABLE: frozenset[str]               # leaves an optimizer updates; the rest are frozen
     Config                                  # frozen dataclass with ``variant_name: ClassVar[str] = NAME``
-    init(key, W, cfg, stat=None) -> dict    # pure; same key -> bit-identical params
+    init(key, W, cfg, statistic=None) -> dict  # pure; same key -> bit-identical params
     apply(params, W, x, b=None) -> Tensor   # pure; no config; linear in x
     shapes(leaves, d_out, d_in) -> dict     # the exact leaf shapes for W of (d_out, d_in)
 and optionally

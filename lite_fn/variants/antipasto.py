@@ -157,12 +157,12 @@ def _select(S: Tensor, cfg: AntiPaSTOConfig, statistic: Stat | None, d_in: int) 
     return torch.topk(score, cfg.r).indices.sort().values
 
 
-def init(key: _keys.Key, W: Tensor, cfg: AntiPaSTOConfig, stat: Stat | None = None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: AntiPaSTOConfig, statistic: Stat | None = None) -> dict[str, Tensor]:
     who = "antipasto.init"
     d_out, d_in = _checks.check_weight(W, who)
     _checks.check_rank(cfg.r, d_out, d_in, who)
     U, S, Vh = _svd(W)
-    idx = _select(S, cfg, stat, d_in)
+    idx = _select(S, cfg, statistic, d_in)
     n_blocks, n_params = cfg.r // cfg.block_size, cfg.block_size * (cfg.block_size - 1) // 2
     k_s, k_v, k_u = _keys.split(key, 3)  # one key per leaf: toggling rotate_u leaves the others unchanged
     opts = _checks.like(W)

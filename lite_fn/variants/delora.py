@@ -63,7 +63,7 @@ class DeLoRAConfig:
 Config = DeLoRAConfig
 
 
-def init(key: _keys.Key, W: Tensor, cfg: DeLoRAConfig, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: DeLoRAConfig, statistic=None) -> dict[str, Tensor]:
     d_out, d_in = _checks.check_weight(W, "delora.init")
     _checks.check_rank(cfg.r, d_out, d_in, "delora.init")
     A = linalg.kaiming_uniform(_keys.generator(key), (cfg.r, d_in), fan_in=d_in)

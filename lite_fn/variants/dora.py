@@ -69,7 +69,7 @@ def weight_norm(W: Tensor, A: Tensor, B: Tensor, scale: Tensor) -> Tensor:
     return n2.clamp_min(0.0).sqrt()
 
 
-def init(key: _keys.Key, W: Tensor, cfg: DoRAConfig, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: DoRAConfig, statistic=None) -> dict[str, Tensor]:
     p = init_factors(key, W, cfg, "dora.init")
     m = weight_norm(W, p["A"], p["B"], p["scale"])  # B = 0: the row norms of W, bit-equal to n at init
     return {**p, "m": m.requires_grad_(True)}

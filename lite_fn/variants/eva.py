@@ -188,15 +188,15 @@ def check_stat(statistic, r: int, d_in: int, who: str) -> None:
         )
 
 
-def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, stat: Stat | None = None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: EVAConfig, statistic: Stat | None = None) -> dict[str, Tensor]:
     who = "eva.init"
     d_out, d_in = _checks.check_weight(W, who)
     _checks.check_rank(cfg.r, d_out, d_in, who)
-    check_stat(stat, cfg.r, d_in, who)
-    assert isinstance(stat, Stat)  # check_stat raised otherwise
-    A = stat.components[: cfg.r]  # (r, d_in) float64
+    check_stat(statistic, cfg.r, d_in, who)
+    assert isinstance(statistic, Stat)  # check_stat raised otherwise
+    A = statistic.components[: cfg.r]  # (r, d_in) float64
     if cfg.whiten:
-        A = A / stat.eigvals[: cfg.r, None].clamp_min(torch.finfo(torch.float64).tiny).pow(0.25)
+        A = A / statistic.eigvals[: cfg.r, None].clamp_min(torch.finfo(torch.float64).tiny).pow(0.25)
     opts = _checks.like(W)
     return {
         "A": A.to(**opts).requires_grad_(True),

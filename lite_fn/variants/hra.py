@@ -61,7 +61,7 @@ class HRAConfig:
 Config = HRAConfig
 
 
-def init(key: _keys.Key, W: Tensor, cfg: HRAConfig, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: HRAConfig, statistic=None) -> dict[str, Tensor]:
     d_out, d_in = _checks.check_weight(W, "hra.init")
     if cfg.r > d_in:
         raise ValueError(

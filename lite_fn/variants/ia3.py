@@ -57,7 +57,7 @@ def ones_gain(W: Tensor, side: str, who: str) -> dict[str, Tensor]:
     return {"g": g.requires_grad_(True)}
 
 
-def init(key: _keys.Key, W: Tensor, cfg: IA3Config, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: IA3Config, statistic=None) -> dict[str, Tensor]:
     return ones_gain(W, "out", "ia3.init")
 
 

@@ -50,7 +50,7 @@ class IA3FFConfig:
 Config = IA3FFConfig
 
 
-def init(key: _keys.Key, W: Tensor, cfg: IA3FFConfig, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: IA3FFConfig, statistic=None) -> dict[str, Tensor]:
     return ones_gain(W, "in", "ia3_ff.init")
 
 

@@ -108,7 +108,7 @@ def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:
     }
 
 
-def init(key: _keys.Key, W: Tensor, cfg: LoRAConfig, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: LoRAConfig, statistic=None) -> dict[str, Tensor]:
     return init_factors(key, W, cfg, "lora.init")
 
 

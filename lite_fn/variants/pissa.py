@@ -88,7 +88,7 @@ class PiSSAConfig:
 Config = PiSSAConfig
 
 
-def init(key: _keys.Key, W: Tensor, cfg: PiSSAConfig, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: PiSSAConfig, statistic=None) -> dict[str, Tensor]:
     _keys.as_seed(key)  # validate the key even when the exact SVD does not use it
     d_out, d_in = _checks.check_weight(W, "pissa.init")
     _checks.check_rank(cfg.r, d_out, d_in, "pissa.init")

@@ -88,7 +88,7 @@ def _check_groups(d_out: int, group_size: int, who: str) -> None:
     )
 
 
-def init(key: _keys.Key, W: Tensor, cfg: ROADConfig, stat=None) -> dict[str, Tensor]:
+def init(key: _keys.Key, W: Tensor, cfg: ROADConfig, statistic=None) -> dict[str, Tensor]:
     d_out, _ = _checks.check_weight(W, "road.init")
     _check_groups(d_out, cfg.group_size, "road.init")
     G, h = d_out // cfg.group_size, cfg.group_size // 2
