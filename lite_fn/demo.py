@@ -31,6 +31,7 @@ monotone, or alpha = 0 is not the base model. ``--tiny`` is a smoke run of the s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -306,6 +307,7 @@ def find_problems(
     sweep0_diff: float,
     vmap_diff: float,
     learning: bool = True,
+    peft_diff: float | None = None,
 ) -> list[str]:
     """What is wrong with a run, in words (empty: all good). rows = [base, *adapters]."""
     base, adapters = rows[0], rows[1:]
@@ -317,6 +319,8 @@ def find_problems(
         )
     if vmap_diff > 1e-4:
         problems.append(f"the vmapped evaluation differs from plain lf.call by {vmap_diff:.1e}")
+    if peft_diff is not None and peft_diff > 1e-4:
+        problems.append(f"the LoRA written with lf.save_peft and loaded by peft differs from lf.call by {peft_diff:.1e}")
     if learning:
         for r in adapters:
             if r["accuracy"] < base["accuracy"] + MIN_GAIN or r["margin"] <= base["margin"]:
@@ -328,6 +332,21 @@ def find_problems(
         if not (monotone and sweep_margin[0] < sweep_margin[zero] < sweep_margin[-1]):
             problems.append(f"AntiPaSTO's mean margin does not rise monotonically with alpha through the base: {sweep_margin}")
     return problems
+
+
+def peft_round_trip(model, run: Run, batch: dict, folder: Path) -> float | None:
+    """Write a trained adapter with lf.save_peft, load it with peft, and return the largest difference
+    of the last hidden states on ``batch`` (None when peft is not installed)."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    lf.save_peft(folder, run.params, model=model)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(folder)).eval()
+    with torch.no_grad():
+        ours = lf.call(model, run.params, **batch).last_hidden_state
+        theirs = reloaded(**batch).last_hidden_state
+    return float((ours - theirs).abs().max())
 
 
 def run_demo(args) -> dict:
@@ -354,6 +373,9 @@ def run_demo(args) -> dict:
         train(run, model, tokenizer, anchors, data["train"], batch_size, args.seed, progress)
     scored, groups, vmap_diff = evaluate(model, trained, test, anchors, progress)
 
+    lora_run = next(r for r in trained if r.name == "LoRA")
+    peft_diff = peft_round_trip(model, lora_run, test.chunks[0], out / "lora_peft")
+
     anti = next(r for r in trained if r.bidirectional)
     alphas = torch.linspace(-1.0, 1.0, 9)
     sweep = alpha_sweep(model, anti.params, alphas, test, anchors)  # (9, N)
@@ -376,6 +398,13 @@ def run_demo(args) -> dict:
     print()
     print(table(rows))
     print(f"\none vmapped call per group of equal shapes {groups}; max |vmap − plain lf.call| = {vmap_diff:.1e} (margins)")
+    if peft_diff is None:
+        print("peft is not installed: the lf.save_peft round trip was skipped")
+    else:
+        print(
+            f"LoRA written with lf.save_peft to {out / 'lora_peft'} and loaded by peft.PeftModel.from_pretrained: "
+            f"max |peft − lf.call| = {peft_diff:.1e} (last hidden states)"
+        )
     print("AntiPaSTO alpha sweep, one vmapped call over lf.with_alpha (held-out):")
     print("  alpha  " + " ".join(f"{a:>7.2f}" for a in alphas.tolist()))
     print("  margin " + " ".join(f"{m:>7.4f}" for m in sweep_margin))
@@ -387,7 +416,9 @@ def run_demo(args) -> dict:
 
     plot(out / "alpha_sweep.png", alphas.tolist(), sweep_margin, sweep_acc, rows)
     # the tiny run checks the code path only: it is too short to learn
-    problems = find_problems([base, *adapters], sweep_margin, zero, alpha0_exact, sweep0_diff, vmap_diff, learning=not args.tiny)
+    problems = find_problems(
+        [base, *adapters], sweep_margin, zero, alpha0_exact, sweep0_diff, vmap_diff, learning=not args.tiny, peft_diff=peft_diff
+    )
     results = {
         "rows": rows,
         "alphas": alphas.tolist(),
@@ -398,6 +429,7 @@ def run_demo(args) -> dict:
         "sweep_alpha0_max_diff": sweep0_diff,
         "vmap_vs_call_max_diff": vmap_diff,
         "vmap_groups": groups,
+        "peft_round_trip_max_diff": peft_diff,
         "tiny": args.tiny,
         "steps": steps,
         "threads": args.threads,

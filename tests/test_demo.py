@@ -54,6 +54,7 @@ def test_find_problems_names_what_failed():
     assert "monotonically" in demo.find_problems([base, good], [0.0, 0.05, 0.02, 0.06, 0.07], 2, True, 0.0, 0.0)[0]
     assert "alpha=0" in demo.find_problems([base, good], sweep, 2, False, 0.0, 0.0)[0]
     assert "vmapped" in demo.find_problems([base, good], sweep, 2, True, 0.0, 1e-2)[0]
+    assert "lf.save_peft" in demo.find_problems([base, good], sweep, 2, True, 0.0, 0.0, peft_diff=1e-2)[0]
 
 
 def test_margins_are_positive_exactly_when_the_read_out_is_right():
@@ -96,6 +97,8 @@ def test_tiny_demo_runs_and_reports(tmp_path, capsys):
     assert ["LoRA", "rsLoRA"] in res["vmap_groups"]
     assert sorted(n for g in res["vmap_groups"] for n in g) == sorted(VARIANTS)
     assert res["vmap_vs_call_max_diff"] < 1e-5
+    assert res["peft_round_trip_max_diff"] is not None and res["peft_round_trip_max_diff"] < 1e-5  # lf.save_peft -> peft
+    assert (tmp_path / "lora_peft" / "adapter_config.json").exists()
 
     # the alpha sweep: 9 values from -1 to 1; alpha=0 is the base model
     assert res["alphas"][0] == -1.0 and res["alphas"][-1] == 1.0 and len(res["alphas"]) == 9
