@@ -50,6 +50,11 @@ class Variant(Protocol):
 REQUIRED = ("NAME", "TRAINABLE", "Config", "init", "apply", "shapes")
 
 
+def never_random(cfg: Any) -> bool:
+    """``random_init`` of a variant whose init draws no random numbers: every key gives the same params."""
+    return False
+
+
 @dataclass(frozen=True)
 class VariantSpec:
     """A registered variant: the required members, and the optional hooks (``None`` when absent).

@@ -170,20 +170,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temps(folder: str, base: str) -> None:
-    """Delete temp files of ``base`` in ``folder`` whose writer process is dead (killed writers)."""
+def _dead_writers_temps(folder: str, base: str) -> list[str]:
+    """Paths of ``base``'s temp entries in ``folder`` whose writer process is dead (killed mid-save)."""
     if os.name != "posix":
-        return  # os.kill(pid, 0) is not a liveness probe on Windows
+        return []  # os.kill(pid, 0) is not a liveness probe on Windows
     pattern = _tmp_pattern(base)
     try:
         names = os.listdir(folder)
     except OSError:
-        return
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m is None or _pid_alive(int(m.group(1))):
-            continue
-        tmp = os.path.join(folder, name)
+        return []
+    return [
+        os.path.join(folder, name)
+        for name in names
+        if (m := pattern.fullmatch(name)) is not None and not _pid_alive(int(m.group(1)))
+    ]
+
+
+def _remove_stale_temps(folder: str, base: str) -> None:
+    """Delete temp files of ``base`` in ``folder`` whose writer process is dead (killed writers)."""
+    for tmp in _dead_writers_temps(folder, base):
         try:
             if stat.S_ISREG(os.lstat(tmp).st_mode):
                 os.unlink(tmp)

@@ -1020,18 +1020,7 @@ def _exchange(a: str, b: str) -> bool:
 
 def _remove_stale(folder: str, base: str) -> None:
     """Temp directories of this target left by writers that are no longer alive (killed mid-save)."""
-    if os.name != "posix":
-        return
-    pattern = io._tmp_pattern(base)
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m is None or io._pid_alive(int(m.group(1))):
-            continue
-        stale = os.path.join(folder, name)
+    for stale in io._dead_writers_temps(folder, base):
         if os.path.isdir(stale) and not os.path.islink(stale):
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys
+from .._contract import never_random
 from . import _padding, lora
 
 __all__ = [
@@ -67,10 +68,7 @@ __all__ = [
 NAME = "eva"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 
-
-def random_init(cfg) -> bool:
-    """init draws no random numbers: every key gives the same params."""
-    return False
+random_init = never_random  # init draws no random numbers
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys
+from .._contract import never_random
 from . import _padding
 
 __all__ = [
@@ -36,10 +37,7 @@ __all__ = [
 NAME = "ia3"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 
-
-def random_init(cfg) -> bool:
-    """init draws no random numbers: every key gives the same params."""
-    return False
+random_init = never_random  # init draws no random numbers
 
 
 @dataclass(frozen=True)

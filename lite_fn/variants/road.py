@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .. import _checks, _keys
+from .._contract import never_random
 from . import _padding
 
 __all__ = [
@@ -43,10 +44,7 @@ __all__ = [
 NAME = "road"
 TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
 
-
-def random_init(cfg) -> bool:
-    """init draws no random numbers: every key gives the same params."""
-    return False
+random_init = never_random  # init draws no random numbers
 
 
 VARIANTS = ("road_1", "road_2", "road_4")
