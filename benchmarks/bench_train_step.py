@@ -116,6 +116,22 @@ class OneLinear(nn.Module):
         return self.proj(x)
 
 
+def add_row(tab, name: str, t: dict, mem: dict, goal: str) -> None:
+    """One table row: times of limit / lite_fn / peft, their ratios, peak memory of lite_fn and peft."""
+    tab.add(
+        name,
+        C.ms(t["limit"]),
+        C.ms(t["lite_fn"]),
+        C.ms(t["peft"]),
+        C.ratio(t["lite_fn"] / t["peft"]),
+        C.ratio(t["lite_fn"] / t["limit"]),
+        C.fmt_bytes(mem["lite_fn"]),
+        C.fmt_bytes(mem["peft"]),
+        C.ratio(mem["lite_fn"] / mem["peft"]),
+        goal,
+    )
+
+
 def main():
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", default=None, help="subset of variants (names as in the table)")
@@ -164,18 +180,7 @@ def main():
         fns = {"limit": limit_step(base, x), "lite_fn": lite_step(lite_model, params, lm_loss), "peft": peft_step(pm, lm_loss)}
         t, mem = measure(fns, args.repeats)
         g = C.goal(t["lite_fn"] / t["peft"], "<=", 0.8) if name == "DoRA" else ""
-        tab.add(
-            name,
-            C.ms(t["limit"]),
-            C.ms(t["lite_fn"]),
-            C.ms(t["peft"]),
-            C.ratio(t["lite_fn"] / t["peft"]),
-            C.ratio(t["lite_fn"] / t["limit"]),
-            C.fmt_bytes(mem["lite_fn"]),
-            C.fmt_bytes(mem["peft"]),
-            C.ratio(mem["lite_fn"] / mem["peft"]),
-            g,
-        )
+        add_row(tab, name, t, mem, g)
         bars[name] = (t["lite_fn"] / t["peft"], mem["lite_fn"] / mem["peft"])
         del pm, params
 
@@ -202,18 +207,7 @@ def main():
         t, mem = measure(fns, args.repeats)
         speed = t["peft"] / t["lite_fn"]
         name = f"HRA d={d_big} (one Linear, {n_big} rows)"
-        tab.add(
-            name,
-            C.ms(t["limit"]),
-            C.ms(t["lite_fn"]),
-            C.ms(t["peft"]),
-            C.ratio(t["lite_fn"] / t["peft"]),
-            C.ratio(t["lite_fn"] / t["limit"]),
-            C.fmt_bytes(mem["lite_fn"]),
-            C.fmt_bytes(mem["peft"]),
-            C.ratio(mem["lite_fn"] / mem["peft"]),
-            "peft/lite " + C.goal(speed, ">=", 3.0),
-        )
+        add_row(tab, name, t, mem, "peft/lite " + C.goal(speed, ">=", 3.0))
         bars[f"HRA d={d_big}"] = (t["lite_fn"] / t["peft"], mem["lite_fn"] / mem["peft"])
 
     tab.print("Train step (forward + backward + AdamW), median ms and peak step memory")

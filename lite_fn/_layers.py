@@ -224,26 +224,16 @@ def is_adaptable(module: nn.Module) -> bool:
     return any(kind.matches(module) for kind in KINDS)
 
 
-def stored_weight(module: nn.Module) -> Tensor:
-    """The weight tensor the module holds right now (FSDP2 and offload hooks swap it during forward)."""
-    return module.weight  # type: ignore[return-value]
-
-
-def weight_view(module: nn.Module, path: str) -> Tensor:
-    """The module's weight as (d_out, d_in) — for a module kind, a ``QuantizedWeight`` (shape, dtype,
-    device; values on demand): what leaf checks read."""
-    kind = kind_of(module, path)
+def weight_view(module: nn.Module, kind: LayerKind, swap: dict[int, Tensor] | None = None) -> Tensor:
+    """The module's current weight as (d_out, d_in), with ``swap`` (``base=`` / detached tensors) applied;
+    for a module kind a ``QuantizedWeight`` (shape, dtype, device; values on demand): what leaf checks read."""
     if kind.op is None:
         return QuantizedWeight(module, kind)  # type: ignore[return-value]
-    return kind.dense(module.weight)  # type: ignore[arg-type]
+    w: Tensor = module.weight  # type: ignore[assignment]
+    return kind.dense(w if swap is None else swap.get(id(w), w))
 
 
-def weight_values(module: nn.Module, path: str) -> Tensor:
-    """The module's weight values as (d_out, d_in), dequantized in the layer's compute dtype for module kinds."""
-    W = weight_view(module, path)
+def values(W: Tensor) -> Tensor:
+    """Dense values of a weight view (dequantized in the compute dtype for quantized layers): what init,
+    merge and peft_io read."""
     return W.dense() if isinstance(W, QuantizedWeight) else W
-
-
-def weight_bias(module: nn.Module, path: str) -> tuple[Tensor, Tensor | None]:
-    """(W (d_out, d_in) values, b or None) as the module currently holds them."""
-    return weight_values(module, path), getattr(module, "bias", None)

@@ -684,7 +684,7 @@ def check_against(model, params, source="params") -> None:
             continue
         module = modules[mpath]
         try:
-            W = _layers.weight_view(module, mpath)
+            W = _layers.weight_view(module, _layers.kind_of(module, mpath))
         except TypeError as e:
             problems.append(str(e))
             continue

@@ -596,7 +596,7 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
                     + ([f"has tensor(s) {unexpected} that use_dora={use_dora} does not use"] if unexpected else [])
                 )
             )
-        W = _layers.weight_values(module, mpath)
+        W = _layers.values(_layers.weight_view(module, layer_kind))
         params[mpath] = dict([_LEAVES[kind](ctx, mpath, found, W, layer_kind.name)])
     io.check_against(model, params, source=f"peft adapter {folder!r}")
     return trees._declared(params)
@@ -835,7 +835,7 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         ((name, leaves),) = by_variant.items()
         module = modules[path]
         lk = _layers.kind_of(module, path)
-        W = _layers.weight_view(module, path)
+        W = _layers.weight_view(module, lk)
         try:
             _checks.check_leaves(path, variants.get(name), leaves, W, 0)
         except ValueError:

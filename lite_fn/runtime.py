@@ -76,20 +76,6 @@ def _match_targets(model, modules, targets) -> list[str]:
     return paths
 
 
-def _current(module: nn.Module, kind: _layers.LayerKind, swap: dict[int, Tensor]) -> Tensor:
-    """The module's weight as (d_out, d_in), with ``base=`` / detaching applied; for a quantized
-    (module) kind, a ``QuantizedWeight`` (shape, dtype, device; values on demand)."""
-    if kind.op is None:
-        return _layers.QuantizedWeight(module, kind)  # type: ignore[return-value]
-    w: Tensor = module.weight  # type: ignore[assignment]
-    return kind.dense(swap.get(id(w), w))
-
-
-def _values(W) -> Tensor:
-    """Dense values of a weight (dequantized for quantized layers): what init and merge read."""
-    return W.dense() if isinstance(W, _layers.QuantizedWeight) else W
-
-
 # ----------------------------------------------------------------------------- init
 def init(
     key: _keys.Key,
@@ -138,7 +124,7 @@ def init(
     swap, _ = _base.swap_map(model, base, freeze=True)
     modules = dict(model.named_modules())
     paths = target_paths(model, targets)
-    weights = {p: _values(_current(modules[p], _layers.kind_of(modules[p], p), swap)).detach() for p in paths}
+    weights = {p: _layers.values(_layers.weight_view(modules[p], _layers.kind_of(modules[p], p), swap)).detach() for p in paths}
     meta = [p for p, W in weights.items() if W.is_meta]
     if meta:
         raise ValueError(
@@ -223,7 +209,9 @@ def _entries(
                 f"told apart from it; untie them (give {path!r} its own weight) before adapting"
             )
         variant = variants.get(name)
-        Ks[path] = _checks.check_leaves(f"params[{path!r}][{name!r}]", variant, leaves, _current(module, kind, swap), batch_dims)
+        Ks[path] = _checks.check_leaves(
+            f"params[{path!r}][{name!r}]", variant, leaves, _layers.weight_view(module, kind, swap), batch_dims
+        )
         entries.append(_Entry(path, module, kind, variant, leaves))
     K = None
     if batch_dims:
@@ -492,7 +480,7 @@ def merge(model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None
                 f"{path}.weight passed to functional_call would replace those too. Untie it first "
                 f"(model.{path}.weight = nn.Parameter(model.{path}.weight.clone())) or use lf.call"
             )
-        W = _values(_current(module, kind, swap))
+        W = _layers.values(_layers.weight_view(module, kind, swap))
         bias: Tensor | None = getattr(module, "bias", None)
         b = None if bias is None else swap.get(id(bias), bias).detach()
         W_new, b_new = variants.merge(variant, leaves, W.detach(), b)
