@@ -147,7 +147,8 @@ class QuantizedWeight:
     """W of a module-kind (quantized) layer, as a variant's ``apply`` sees it.
 
     ``F.linear(x, W, b)`` runs the layer's own quantized kernel — for the input the layer was
-    called with it is the layer's output itself (computed once, by the layer); any other use of W
+    called with it is the layer's output itself (computed once, by the layer; handed out once, so the
+    caller owns it and may accumulate into it in place — a second product recomputes); any other use of W
     (a weight norm, a transpose, ``W @ A.T``) sees its dequantized values, detached, computed when
     needed and not kept. ``shape``, ``dtype`` and ``device`` are those of the dense weight.
     """
@@ -170,7 +171,8 @@ class QuantizedWeight:
             if b is None and own_bias is not None:
                 return self._y - own_bias  # peft's DoRA subtracts the bias from the base result the same way
             if b is None or own_bias is None or b is own_bias or torch.equal(b, own_bias):
-                return self._y  # type: ignore[return-value]
+                y, self._x, self._y = self._y, None, None  # handed out once: the caller may add into it in place
+                return y  # type: ignore[return-value]
         return self.kind.product(self.module, x, b)  # type: ignore[misc]
 
     def detach(self) -> Tensor:

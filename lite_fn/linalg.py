@@ -60,6 +60,27 @@ def top_svd(W: Tensor, r: int, *, niter: int | None = None, key: _keys.Key = 0) 
     return (Q @ Ub)[:, :r], S[:r], Vh[:r].T
 
 
+def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
+    """y + h Mᵀ for h (..., r) and M (d_out, r): an adapter's low-rank product added to a layer output.
+
+    ``y`` must be a fresh output that the caller owns (e.g. just returned by ``F.linear``). In plain
+    eager code the product is accumulated into ``y`` in place (one GEMM with β = 1): no temporary
+    of y's size to allocate, fill and add — on CPU that temporary (fresh pages) costs more than the
+    rank-r GEMM itself. Exact either way (autograd never needs a linear layer's output). Out of place
+    under a functorch transform (``aten::addmm_`` has no vmap batching rule, and an unbatched ``y``
+    cannot take a batched product) and under ``torch.compile`` (inductor fuses the add itself).
+    """
+    plain = not torch.compiler.is_compiling() and not any(_wrapped(t) for t in (y, h, M))
+    if plain and y.dtype == h.dtype == M.dtype and y.shape[:-1] == h.shape[:-1] and y.ndim >= 1 and y.is_contiguous():
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), M.t())
+        return y
+    return y + torch.nn.functional.linear(h, M)
+
+
+def _wrapped(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)  # pyright: ignore[reportAttributeAccessIssue]
+
+
 def skew_from_triu(p: Tensor, bs: int) -> Tensor:
     """Strict upper-triangle params (..., bs(bs-1)/2) -> A = ½(P − Pᵀ), (..., bs, bs).
 
@@ -86,6 +107,13 @@ def block_rotate(h: Tensor, R: Tensor) -> Tensor:
     n, bs = R.shape[-3], R.shape[-1]
     hb = rearrange(h, "... (n i) -> ... n i", n=n, i=bs)
     return rearrange(einsum(hb, R, "... n i, n i j -> ... n j"), "... n j -> ... (n j)")
+
+
+def block_diag(K: Tensor) -> Tensor:
+    """blockdiag(K_0, …, K_{n−1}): (..., n, bs, bs) -> (..., n·bs, n·bs), vmappable (no unbind)."""
+    n = K.shape[-3]
+    eye = torch.eye(n, dtype=K.dtype, device=K.device)
+    return rearrange(einsum(K, eye, "... n i j, n m -> ... n i m j"), "... n i m j -> ... (n i) (m j)")
 
 
 def householder_chain(x: Tensor, U: Tensor) -> Tensor:

@@ -15,13 +15,15 @@
 Identity at init: only at alpha = 0, and then bit-exactly for ANY params (see apply).
 The small random init breaks the ±alpha symmetry that stalls training from exactly zero.
 
-Computed on the r-wide projection h = x V only (no r×r, no d×d matrix): with K = R − I
-(blockwise, exactly 0 at α = 0) and g = h ⊙ S,
+Computed on the r-wide projection h = x V only (no d×d matrix): with K = R − I (blockwise,
+exactly 0 at α = 0) and g = h ⊙ S,
     e = (h K_v) ⊙ S' + h ⊙ (α·δs)           = (x V') ⊙ S' − g
     e ← e + (g + e) K_uᵀ                     (then (g + e) R_uᵀ − g = e)
     y = x Wᵀ + b + e Uᵀ
-so the adapter term is built from differences that are exactly zero at α = 0 (no
-cancellation of two large terms, robust to TF32/bf16 matmuls), and y is x Wᵀ + b bit for bit.
+Both steps are linear in h, so e = h M for one r × r matrix M per call, and e Uᵀ = h (U Mᵀ)ᵀ:
+per token only the two rank-r GEMMs of a LoRA (x V, then accumulated into x Wᵀ + b). M is
+built from differences that are exactly zero at α = 0 (no cancellation of two large terms,
+robust to TF32/bf16 matmuls), so y is x Wᵀ + b bit for bit there.
 
 Defaults: r=16, rotate_v=True, rotate_u=False, alpha=1.0 as the reference; block_size=4
 (the reference rotates one dense r×r block; blocks keep rotations local and cheap);
@@ -263,16 +265,21 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "antipasto.apply")
     U, S, V, alpha = params["U"], params["S"], params["V"], params["alpha"]
-    ds = alpha * params["delta_s"]  # S' − S
-    h = x @ V  # (..., r)  x V, the only projection of x
-    g = h * S  # (x V) ⊙ S
-    e = h * ds  # grows into (x V') ⊙ S' − g
+    h = torch.nn.functional.linear(x, V.mT.contiguous())  # (..., r)  x V, the only projection of x
+    # e = h M with one r × r matrix per call (weights only, nothing per token), M exactly 0 at α = 0:
+    #   e = (h K_v) ⊙ S' + h ⊙ δ        ->  M  = K_v diag(S') + diag(δ),   δ = α·δs = S' − S
+    #   e ← e + (g + e) K_uᵀ, g = h ⊙ S  ->  M ← M + (diag(S) + M) K_uᵀ
+    # and e Uᵀ = h (U Mᵀ)ᵀ: the per-token work is two rank-r GEMMs, as for LoRA.
+    ds = alpha * params["delta_s"]
+    M = torch.diag_embed(ds)
     if "rot_v" in params:
-        p = params["rot_v"]
-        K_v = _rotation_step(p, alpha, params["max_angle"], S.shape[-1] // p.shape[-2], h.dtype)
-        e = e + linalg.block_rotate(h, K_v) * (S + ds)
+        M = M + _block_step(params["rot_v"], params, h.dtype) * (S + ds).unsqueeze(-2)
     if "rot_u" in params:
-        p = params["rot_u"]
-        K_u = _rotation_step(p, alpha, params["max_angle"], S.shape[-1] // p.shape[-2], h.dtype)
-        e = e + linalg.block_rotate(g + e, K_u.transpose(-1, -2))  # (g + e) R_uᵀ − g
-    return torch.nn.functional.linear(x, W, b) + torch.nn.functional.linear(e, U)  # + e Uᵀ
+        M = M + (torch.diag_embed(S) + M) @ _block_step(params["rot_u"], params, h.dtype).mT
+    return linalg.add_product(torch.nn.functional.linear(x, W, b), h, U @ M.mT)  # + e Uᵀ
+
+
+def _block_step(p: Tensor, params: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """blockdiag(K_0, …, K_{n−1}) (r, r) of K = R − I for rotation params p (n, bs(bs−1)/2)."""
+    r = params["S"].shape[-1]
+    return linalg.block_diag(_rotation_step(p, params["alpha"], params["max_angle"], r // p.shape[-2], dtype))

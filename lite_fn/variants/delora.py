@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
@@ -96,8 +95,8 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "delora.apply")
     A, B, lam = params["A"], params["B"], params["lam"]
-    h = einsum(x * params["wnorm"], A, "... i, r i -> ... r")
     A_norm = linalg.row_norm(A).clamp_min(1e-4)  # (r,)  ‖A_i‖
     B_norm = linalg.col_norm(B).clamp_min(1e-4)  # (r,)  ‖B_{:,i}‖
-    h = h * (lam / A.shape[-2]) / (A_norm * B_norm)
-    return torch.nn.functional.linear(x, W, b) + einsum(h, B, "... r, o r -> ... o")
+    # (x ⊙ ‖W‖_col) Aᵀ computed as x (A ⊙ ‖W‖_col)ᵀ: the scaling touches r × d_in numbers, not every token
+    h = torch.nn.functional.linear(x, A * params["wnorm"]) * ((lam / A.shape[-2]) / (A_norm * B_norm))
+    return linalg.add_product(torch.nn.functional.linear(x, W, b), h, B)

@@ -113,11 +113,16 @@ def init(key: _keys.Key, W: Tensor, cfg: LoRAConfig, statistic=None) -> dict[str
 
 
 def delta(params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """s · (x Aᵀ) Bᵀ — the low-rank branch, (..., d_in) -> (..., d_out)."""
-    # F.linear rather than einsum: the same GEMMs with less dispatch per call, and the scale is
-    # applied on the r-wide h instead of the d_out-wide output (one pass over r columns, not d_out).
+    """s · (x Aᵀ) Bᵀ — the low-rank branch alone, (..., d_in) -> (..., d_out)."""
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, params["A"]) * params["scale"], params["B"])
+
+
+def add_delta(y: Tensor, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """y + s · (x Aᵀ) Bᵀ — the low-rank branch added to a fresh layer output y, (..., d_out)."""
+    # F.linear rather than einsum: the same GEMMs with less dispatch per call; the scale is applied
+    # on the r-wide h instead of the d_out-wide output, and the second GEMM accumulates into y.
     h = torch.nn.functional.linear(x, params["A"]) * params["scale"]  # (..., r)
-    return torch.nn.functional.linear(h, params["B"])  # (..., d_out)
+    return linalg.add_product(y, h, params["B"])
 
 
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
@@ -133,4 +138,4 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "lora.apply")
-    return torch.nn.functional.linear(x, W, b) + delta(params, dropped(params, x, noise))
+    return add_delta(torch.nn.functional.linear(x, W, b), params, dropped(params, x, noise))
