@@ -216,6 +216,56 @@ def tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+# ----------------------------------------------------------------------------- train steps
+def causal_lm_loss(x: torch.Tensor) -> Callable:
+    """A loss_fn for the train steps below: the causal-LM loss of a forward ``f`` on the tokens x (labels x)."""
+    return lambda f: f(x, labels=x).loss
+
+
+def lite_train_step(model, params: dict, loss_fn: Callable, lr: float = 1e-4) -> Callable[[], None]:
+    """One lite_fn train step: loss_fn(forward through lf.call with params), backward, AdamW on the trainable leaves."""
+    import lite_fn as lf
+
+    opt = torch.optim.AdamW(lf.trainable(params), lr=lr)
+
+    def step():
+        loss = loss_fn(lambda *a, **k: lf.call(model, params, *a, **k))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peft_train_step(pm, loss_fn: Callable, lr: float = 1e-4) -> Callable[[], None]:
+    """The same step for a peft model: loss_fn(pm), backward, AdamW on the parameters that require grad."""
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+
+    def step():
+        loss = loss_fn(pm)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def lora_train_step(model, x: torch.Tensor, r: int) -> Callable[[], None]:
+    """lite_fn's causal-LM train step on x with a LoRA of rank r (alpha 2r) on every block linear of a Llama."""
+    import lite_fn as lf
+
+    params = lf.init(0, model, lf.LoRAConfig(r=r, alpha=2 * r), targets=LLAMA_TARGETS_RE)
+    return lite_train_step(model, params, causal_lm_loss(x))
+
+
+def peft_lora_train_step(model, x: torch.Tensor, r: int) -> Callable[[], None]:
+    """The same step with peft; get_peft_model wraps (and changes) ``model``."""
+    import peft
+
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS))
+    return peft_train_step(pm, causal_lm_loss(x))
+
+
 # ----------------------------------------------------------------------------- timing
 @dataclass
 class Timing:
@@ -383,6 +433,11 @@ def ratio(x: float) -> str:
     return f"{x:.2f}x"
 
 
+def timing_cells(m: dict[str, float], shown: Sequence[str], ratios: Sequence[tuple[str, str]]) -> list[str]:
+    """A table row's timing cells: m[n] in ms for each n of ``shown``, then m[a] / m[b] for each (a, b) of ``ratios``."""
+    return [ms(m[n]) for n in shown] + [ratio(m[a] / m[b]) for a, b in ratios]
+
+
 def goal(value: float, op: str, target: float) -> str:
     """'pass'/'miss' for value ``op`` target, op in {'<=', '>='}."""
     ok = value <= target if op == "<=" else value >= target
@@ -475,6 +530,37 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_png(
+    name: str,
+    args,
+    draw: Callable,
+    *,
+    size: tuple[float, float],
+    title: str,
+    ylabel: str,
+    xlabel: str | None = None,
+    xlog: int | None = None,
+    ylog: bool = False,
+    legend_size: int = 8,
+) -> str | None:
+    """With --write, <name>.png (save_plot) of one axes: draw(ax) plots the data, then the axes get their log
+    scales (``xlog``: the x axis's base), labels, title and legend. Without --write nothing is drawn: None."""
+    if not args.write:
+        return None
+    fig, ax = pyplot().subplots(figsize=size)
+    draw(ax)
+    if xlog is not None:
+        ax.set_xscale("log", base=xlog)
+    if ylog:
+        ax.set_yscale("log")
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    return save_plot(fig, name, args)
 
 
 def banner(what: str, args) -> None:

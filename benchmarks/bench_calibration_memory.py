@@ -201,23 +201,27 @@ all its tokens); AntiPaSTO r=8, block size 4, select="data". Each row is a fresh
 
 {chr(10).join("- " + v for v in verdicts)}
 """
-    png = None
-    if args.write:
-        plt = C.pyplot()
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+
+    def draw(ax):
         for method in METHODS:
             rs = [r for r in rows if r["method"] == method]
             toks = [r["tokens"] for r in rs]
             ax.plot(toks, [r["rss_growth"] / 2**20 for r in rs], "-o", label=f"{method}: RSS growth")
             ax.plot(toks, [r["stats_bytes"] / 2**20 for r in rs], ":s", label=f"{method}: statistics")
         ax.plot(toks, [r["pooled_bytes"] / 2**20 for r in rs], "--", color="gray", label="pooling all inputs")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("calibration tokens")
-        ax.set_ylabel("MiB")
-        ax.set_title("Calibration memory vs tokens")
-        ax.legend(fontsize=7)
-        png = C.save_plot(fig, "bench_calibration_memory", args)
+
+    png = C.plot_png(
+        "bench_calibration_memory",
+        args,
+        draw,
+        size=(6.5, 3.8),
+        title="Calibration memory vs tokens",
+        ylabel="MiB",
+        xlabel="calibration tokens",
+        xlog=10,
+        ylog=True,
+        legend_size=7,
+    )
     C.write_section("bench_calibration_memory", "Calibration memory (bench_calibration_memory.py)", body, args, png)
 
 

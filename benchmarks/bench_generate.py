@@ -129,20 +129,10 @@ def bench_model(name, model, prompt_len, new_tokens, Ks, args, tab, steer_tab, a
         with torch.no_grad():
             return model.generate(nine, attention_mask=torch.ones_like(nine), **gen)
 
-    t = C.interleaved(
-        {"9 alphas, one generate": batched, "9 sequential generates": sequential, "base, 9 rows": base},
-        args.repeats,
-        clock=time.process_time,
-    )
+    one_call, nine_calls, plain = "9 alphas, one generate", "9 sequential generates", "base, 9 rows"
+    t = C.interleaved({one_call: batched, nine_calls: sequential, plain: base}, args.repeats, clock=time.process_time)
     m = {n: t[n].median for n in t}
-    steer_tab.add(
-        name,
-        C.ms(m["base, 9 rows"]),
-        C.ms(m["9 alphas, one generate"]),
-        C.ms(m["9 sequential generates"]),
-        C.ratio(m["9 alphas, one generate"] / m["base, 9 rows"]),
-        C.ratio(m["9 sequential generates"] / m["9 alphas, one generate"]),
-    )
+    steer_tab.add(name, *C.timing_cells(m, [plain, one_call, nine_calls], [(one_call, plain), (nine_calls, one_call)]))
 
 
 def main():

@@ -272,30 +272,10 @@ def main():
 
         q_lite, q_peft = load4(), load4()
         xq = torch.randint(0, V, (4, 128), device=dev)
-
-        def lite_step(m):
-            p = lf.init(0, m, lf.LoRAConfig(r=16, alpha=32), targets=C.LLAMA_TARGETS_RE)
-            opt = torch.optim.AdamW(lf.trainable(p), lr=1e-4)
-
-            def run():
-                lf.call(m, p, xq, labels=xq).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            return run
-
-        pq = peft.get_peft_model(q_peft, peft.LoraConfig(r=16, lora_alpha=32, target_modules=C.LLAMA_TARGETS))
-        popt = torch.optim.AdamW([t for t in pq.parameters() if t.requires_grad], lr=1e-4)
-
-        def peft_step():
-            pq(input_ids=xq, labels=xq).loss.backward()
-            popt.step()
-            popt.zero_grad(set_to_none=True)
-
         fns = {
-            "lite_fn bf16 base": lite_step(model.train()),
-            "lite_fn 4-bit base": lite_step(q_lite),
-            "peft QLoRA 4-bit": peft_step,
+            "lite_fn bf16 base": C.lora_train_step(model.train(), xq, r=16),
+            "lite_fn 4-bit base": C.lora_train_step(q_lite, xq, r=16),
+            "peft QLoRA 4-bit": C.peft_lora_train_step(q_peft, xq, r=16),
         }
         t = timed(fns, repeats=10)
         mem = {n: peak(f) for n, f in fns.items()}

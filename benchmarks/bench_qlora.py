@@ -21,11 +21,8 @@ import warnings
 import _common as C
 import torch
 
-import lite_fn as lf
-
 
 def main():
-    import peft
     import transformers as tf
 
     p = C.parser(__doc__.splitlines()[0])
@@ -45,29 +42,11 @@ def main():
 
     q_lite, q_peft = load4(), load4()
     x = C.tokens(B, T, dense.config.vocab_size)
-
-    def lite_step(model):
-        params = lf.init(0, model, lf.LoRAConfig(r=8, alpha=16), targets=C.LLAMA_TARGETS_RE)
-        opt = torch.optim.AdamW(lf.trainable(params), lr=1e-4)
-
-        def step():
-            loss = lf.call(model, params, x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    pm = peft.get_peft_model(q_peft, peft.LoraConfig(r=8, lora_alpha=16, target_modules=C.LLAMA_TARGETS))
-    popt = torch.optim.AdamW([t for t in pm.parameters() if t.requires_grad], lr=1e-4)
-
-    def peft_step():
-        loss = pm(input_ids=x, labels=x).loss
-        loss.backward()
-        popt.step()
-        popt.zero_grad(set_to_none=True)
-
-    fns = {"lite_fn fp32 base": lite_step(dense), "lite_fn 4-bit base": lite_step(q_lite), "peft QLoRA (4-bit)": peft_step}
+    fns = {
+        "lite_fn fp32 base": C.lora_train_step(dense, x, r=8),
+        "lite_fn 4-bit base": C.lora_train_step(q_lite, x, r=8),
+        "peft QLoRA (4-bit)": C.peft_lora_train_step(q_peft, x, r=8),
+    }
     times = C.interleaved(fns, args.repeats, clock=time.process_time)
     weight_bytes = {
         "fp32": sum(t.numel() * t.element_size() for t in dense.parameters()),

@@ -225,20 +225,16 @@ each; times are process CPU time (`time.process_time`, all threads), so other lo
 
 Checks: {"; ".join(checks)}.
 """
-    png = None
-    if args.write:
-        plt = C.pyplot()
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+
+    def draw(ax):
         ks = sorted(plot)
         for n in plot[ks[0]]:
             ax.plot(ks, [plot[k][n] * 1e3 / k for k in ks], marker="o", label=n)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("K adapters")
-        ax.set_ylabel("CPU ms per adapter-step")
-        ax.set_title("Training K adapters: per-adapter cost of one step")
-        ax.legend(fontsize=8)
-        png = C.save_plot(fig, "bench_train_many", args)
+
+    title, xlabel, ylabel = "Training K adapters: per-adapter cost of one step", "K adapters", "CPU ms per adapter-step"
+    png = C.plot_png(
+        "bench_train_many", args, draw, size=(6.5, 3.8), title=title, ylabel=ylabel, xlabel=xlabel, xlog=2, ylog=True
+    )
     C.write_section("bench_train_many", "K adapters trained at once (bench_train_many.py)", body, args, png)
 
 

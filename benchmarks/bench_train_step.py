@@ -62,30 +62,6 @@ def variants(r: int):
     }
 
 
-def lite_step(model, params, loss_fn, lr=1e-4):
-    opt = torch.optim.AdamW(lf.trainable(params), lr=lr)
-
-    def step():
-        loss = loss_fn(lambda *a, **k: lf.call(model, params, *a, **k))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def peft_step(pm, loss_fn, lr=1e-4):
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-
-    def step():
-        loss = loss_fn(pm)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def limit_step(model, x):
     """The frozen base model's forward + backward down to the input embeddings: the least work
     any adapter's train step has to do (no adapter, no optimizer)."""
@@ -118,13 +94,10 @@ class OneLinear(nn.Module):
 
 def add_row(tab, name: str, t: dict, mem: dict, goal: str) -> None:
     """One table row: times of limit / lite_fn / peft, their ratios, peak memory of lite_fn and peft."""
+    times = C.timing_cells(t, ["limit", "lite_fn", "peft"], [("lite_fn", "peft"), ("lite_fn", "limit")])
     tab.add(
         name,
-        C.ms(t["limit"]),
-        C.ms(t["lite_fn"]),
-        C.ms(t["peft"]),
-        C.ratio(t["lite_fn"] / t["peft"]),
-        C.ratio(t["lite_fn"] / t["limit"]),
+        *times,
         C.fmt_bytes(mem["lite_fn"]),
         C.fmt_bytes(mem["peft"]),
         C.ratio(mem["lite_fn"] / mem["peft"]),
@@ -150,10 +123,7 @@ def main():
     for q in base.parameters():
         q.requires_grad_(False)
     x = C.tokens(B, T, base.config.vocab_size)
-
-    def lm_loss(f):
-        return f(x, labels=x).loss
-
+    lm_loss = C.causal_lm_loss(x)
     tab = C.Table(
         [
             "variant",
@@ -177,7 +147,11 @@ def main():
         params = make_lite(lite_model)
         pm = get_peft_model(copy.deepcopy(base), make_peft())
         pm.train()
-        fns = {"limit": limit_step(base, x), "lite_fn": lite_step(lite_model, params, lm_loss), "peft": peft_step(pm, lm_loss)}
+        fns = {
+            "limit": limit_step(base, x),
+            "lite_fn": C.lite_train_step(lite_model, params, lm_loss),
+            "peft": C.peft_train_step(pm, lm_loss),
+        }
         t, mem = measure(fns, args.repeats)
         g = C.goal(t["lite_fn"] / t["peft"], "<=", 0.8) if name == "DoRA" else ""
         add_row(tab, name, t, mem, g)
@@ -203,7 +177,7 @@ def main():
             xx = xb.detach().requires_grad_(True)  # backward to the input, like the Llama limit
             net(xx).square().mean().backward()
 
-        fns = {"limit": limit, "lite_fn": lite_step(net, params, sq_loss), "peft": peft_step(pm, sq_loss)}
+        fns = {"limit": limit, "lite_fn": C.lite_train_step(net, params, sq_loss), "peft": C.peft_train_step(pm, sq_loss)}
         t, mem = measure(fns, args.repeats)
         speed = t["peft"] / t["lite_fn"]
         name = f"HRA d={d_big} (one Linear, {n_big} rows)"
@@ -232,21 +206,17 @@ Median of {args.repeats} interleaved repeats (limit, lite_fn and peft alternate)
 
 {tab.markdown()}
 """
-    png = None
-    if args.write:
-        plt = C.pyplot()
-        fig, ax = plt.subplots(figsize=(8, 3.8))
+
+    def draw(ax):
         names = list(bars)
         xs = range(len(names))
         ax.bar([i - 0.2 for i in xs], [bars[n][0] for n in names], width=0.4, label="time lite_fn/peft")
         ax.bar([i + 0.2 for i in xs], [bars[n][1] for n in names], width=0.4, label="peak memory lite_fn/peft")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("lite_fn / peft (lower = lite_fn better)")
-        ax.set_title("One train step: lite_fn relative to peft")
-        ax.legend(fontsize=8)
-        png = C.save_plot(fig, "bench_train_step", args)
+
+    title, ylabel = "One train step: lite_fn relative to peft", "lite_fn / peft (lower = lite_fn better)"
+    png = C.plot_png("bench_train_step", args, draw, size=(8, 3.8), title=title, ylabel=ylabel, ylog=True)
     C.write_section("bench_train_step", "Train step per variant (bench_train_step.py)", body, args, png)
 
 

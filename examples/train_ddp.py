@@ -55,15 +55,8 @@ def make_model(args):
 
     if args.tiny:
         torch.manual_seed(0)  # the same base on every process
-        config = transformers.LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            attn_implementation="eager",
-        )
+        sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        config = transformers.LlamaConfig(vocab_size=128, attn_implementation="eager", **sizes)
         return transformers.LlamaForCausalLM(config)
     return transformers.AutoModelForCausalLM.from_pretrained(args.model)
 

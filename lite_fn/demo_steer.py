@@ -46,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -314,14 +315,9 @@ def _gguf_path() -> Path:
 
 
 def _transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as e:
-        raise SystemExit(f"lite_fn.demo --steer needs the [demo] extra ({e.name} is missing): pip install 'lite-fn[demo]'") from e
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    return transformers
+    from lite_fn.demo import import_transformers  # lazily, as main's runner (the default demo imports this module lazily)
+
+    return import_transformers("lite_fn.demo --steer")
 
 
 def _stamp(gguf: Path) -> dict:
@@ -411,19 +407,9 @@ def _write_cache(model, tok, cache: Path, gguf: Path) -> None:
 def tiny_llm(tokenizer, seed: int):
     """A random 4-layer LlamaForCausalLM (hidden 64) over SmolLM2's vocabulary, for --tiny."""
     tf = _transformers()
-    cfg = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True, **sizes, **special)
     with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global RNG state is left as it was
         torch.manual_seed(seed)
         return tf.LlamaForCausalLM(cfg).eval()
@@ -524,21 +510,26 @@ def decode(tok, new: Tensor) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- training
-def _minimize(
-    leaves: list[Tensor], loss_of, n_items: int, *, steps: int, lr: float, batch_size: int, seed: int, desc: str, progress: bool
-) -> dict:
-    """AdamW on ``leaves`` for ``steps`` steps; each step's loss is ``loss_of(indices)`` on a batch of a
-    reshuffled epoch of ``n_items`` examples. Returns seconds and the first and last loss."""
-    opt = torch.optim.AdamW(leaves, lr=lr, weight_decay=0.0)
+def _epochs(n_items: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Index batches without end: ``batch_size`` indices at a time from reshuffled epochs of ``n_items`` examples
+    (an epoch's last, partial batch is skipped)."""
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(n_items, generator=gen), 0
+    while True:
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(n_items, generator=gen), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def _minimize(leaves: list[Tensor], next_loss, *, steps: int, lr: float, desc: str, progress: bool) -> dict:
+    """AdamW on ``leaves`` for ``steps`` steps; each step's loss is ``next_loss()``. Returns seconds and the first
+    and last loss."""
+    opt = torch.optim.AdamW(leaves, lr=lr, weight_decay=0.0)
     bar = tqdm(total=steps, desc=desc, disable=not progress)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(n_items, generator=gen), 0
-        idx, pos = order[pos : pos + batch_size], pos + batch_size
-        loss = loss_of(idx)
+        loss = next_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -563,17 +554,9 @@ def train_steer(model, tok, params: dict, steps: int, lr: float, batch_size: int
             + answer_logprob(model, lf.with_alpha(params, -1.0), down).mean()
         )
 
-    return _minimize(
-        lf.trainable(params),
-        loss_of,
-        len(STEER_TRAIN),
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        desc="train AntiPaSTO (alpha=+1 cheerful, -1 gloomy)",
-        progress=progress,
-    )
+    batches = _epochs(len(STEER_TRAIN), batch_size, seed)
+    desc = "train AntiPaSTO (alpha=+1 cheerful, -1 gloomy)"
+    return _minimize(lf.trainable(params), lambda: loss_of(next(batches)), steps=steps, lr=lr, desc=desc, progress=progress)
 
 
 def train_loras(model, tok, stacked: dict, steps: int, lr: float, seed: int, progress: bool) -> dict:
@@ -585,17 +568,9 @@ def train_loras(model, tok, stacked: dict, steps: int, lr: float, seed: int, pro
         batch = answer_batch(tok, [pairs[i] for i in idx])
         return -answer_logprob(model, stacked, batch, route=route_all[idx]).mean()
 
-    return _minimize(
-        lf.trainable(stacked),
-        loss_of,
-        len(pairs),
-        steps=steps,
-        lr=lr,
-        batch_size=min(8, len(pairs)),
-        seed=seed + 1,
-        desc=f"train LoRAs {'+'.join(LORA_TASKS)} (routed)",
-        progress=progress,
-    )
+    batches = _epochs(len(pairs), min(8, len(pairs)), seed + 1)
+    desc = f"train LoRAs {'+'.join(LORA_TASKS)} (routed)"
+    return _minimize(lf.trainable(stacked), lambda: loss_of(next(batches)), steps=steps, lr=lr, desc=desc, progress=progress)
 
 
 # ----------------------------------------------------------------------------- measures

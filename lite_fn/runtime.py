@@ -250,7 +250,30 @@ def _noise(seed: int | None, x: Tensor) -> Tensor | None:
     return None if seed is None else linalg.hash_uniform(seed, x.shape, device=x.device)
 
 
-def _routed(path: str, variant: VariantSpec, leaves: dict[str, Tensor], route: Tensor, seed: int | None) -> _inject.Handler:
+class _Segments(NamedTuple):
+    """A route whose examples come in runs of equal length, one adapter per run (``torch.arange(K)
+    .repeat_interleave(n)`` and the like): rows are viewed as (runs, n, ...) and each run meets its
+    adapter's leaves directly — no per-example copy of any leaf. ``adapters`` is None when the runs
+    are exactly adapters 0..K−1 in order (then not even a gather of the stack)."""
+
+    adapters: Tensor | None
+    per_run: int
+
+
+def _segments(route: Tensor, K: int) -> _Segments | None:
+    if route.numel() == 0 or torch.compiler.is_compiling() or _functorch_wrapped(route):
+        return None  # data-dependent shapes: the per-example path, which compiles and vmaps
+    adapters, counts = torch.unique_consecutive(route, return_counts=True)
+    n = int(counts[0])
+    if bool((counts != n).any()):
+        return None
+    in_order = adapters.numel() == K and bool((adapters == torch.arange(K, device=adapters.device)).all())
+    return _Segments(None if in_order else adapters, n)
+
+
+def _routed(
+    path: str, variant: VariantSpec, leaves: dict[str, Tensor], route: Tensor, seed: int | None, segments: _Segments | None
+) -> _inject.Handler:
     def handler(x, W, b, base):
         B, N = route.shape[0], x.shape[0] if x.ndim >= 2 else -1
         if N == B:
@@ -265,13 +288,19 @@ def _routed(path: str, variant: VariantSpec, leaves: dict[str, Tensor], route: T
         if isinstance(W, _layers.QuantizedWeight):  # the quantized kernel cannot run under vmap: one group per adapter
             y = _grouped(variant, leaves, route, xs, W, b, seed)
             return y if xs is x else y.reshape(N, *y.shape[2:])
-        per_example = tree_map(lambda v: v[route], leaves)
-        if seed is None:
-            y = vmap(variant.apply, in_dims=(0, None, 0, None))(per_example, W, xs, b)
+        noise = _noise(seed, xs)
+        if segments is None:  # one copy of the leaves per example
+            per, rows = tree_map(lambda v: v[route], leaves), xs
+        else:  # one adapter per run of examples: the stacked leaves themselves (or one copy per run)
+            runs = segments.adapters
+            per = leaves if runs is None else tree_map(lambda v: v[runs], leaves)
+            rows = xs.reshape(-1, segments.per_run, *xs.shape[1:])
+            noise = None if noise is None else noise.reshape(rows.shape)
+        if noise is None:
+            y = vmap(variant.apply, in_dims=(0, None, 0, None))(per, W, rows, b)
         else:
-            noise = _noise(seed, xs)
-            y = vmap(variant.apply, in_dims=(0, None, 0, None, 0))(per_example, W, xs, b, noise)
-        return y if xs is x else y.reshape(N, *y.shape[2:])
+            y = vmap(variant.apply, in_dims=(0, None, 0, None, 0))(per, W, rows, b, noise)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     return handler
 
@@ -303,11 +332,11 @@ def _grouped(
     return out
 
 
-def _applying(entry: _Entry, route: Tensor | None, key) -> _inject.Handler:
+def _applying(entry: _Entry, route: Tensor | None, key, segments: _Segments | None = None) -> _inject.Handler:
     # dropout noise only for layers whose params carry a dropout rate; a pure function of (key, path, position)
     seed = None if key is None or "dropout" not in entry.leaves else _keys.fold_in(key, entry.path)
     if route is not None:
-        return _routed(entry.path, entry.variant, entry.leaves, route, seed)
+        return _routed(entry.path, entry.variant, entry.leaves, route, seed, segments)
     variant, leaves = entry.variant, entry.leaves
     if seed is None:
         return lambda x, W, b, base: variant.apply(leaves, W, x, b)
@@ -338,7 +367,8 @@ def _prepare(model, params, route, freeze_base, base, key=None):
                 "key= turns on adapter dropout, but no layer of params has a dropout rate; build them with "
                 "e.g. lf.LoRAConfig(r=8, dropout=0.1), or drop key="
             )
-    layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key)) for e in entries]
+    segments = None if route is None or K is None else _segments(route, K)
+    layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments)) for e in entries]
     return _inject.mode(layers, swap, freeze_base)
 
 

@@ -1,5 +1,7 @@
 """Shared test helpers: params for a layer, perturbation of trainable leaves, relative error, peft wrapping and
-parity, sizes of new tensors, config/rank/statistic error checks."""
+parity, sizes of new tensors, config/rank/statistic error checks, threads run together."""
+
+import threading
 
 import pytest
 import torch
@@ -136,6 +138,15 @@ def needs_calibration(cfg, model) -> bool:
 def moved(params, seed=1, scale=0.1):
     """A params tree with every trainable leaf perturbed (``perturb``), each layer with its own seed."""
     return {p: {n: perturb(lv, seed + i, scale) for n, lv in bv.items()} for i, (p, bv) in enumerate(params.items())}
+
+
+def in_threads(worker, n: int, *others) -> None:
+    """Runs worker(0), …, worker(n - 1) and each callable of ``others`` on a thread of its own; returns when all have ended."""
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n)] + [threading.Thread(target=o) for o in others]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
 
 
 def steered(params, value):

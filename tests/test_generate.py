@@ -2,7 +2,6 @@
 one adapter, K routed adapters, an alpha sweep, beam search, with and without KV cache, threads."""
 
 import copy
-import threading
 
 import helpers
 import pytest
@@ -126,11 +125,7 @@ def test_threads_generate_with_their_own_adapters_and_model_is_untouched():
             if not torch.equal(greedy(model, ids), plain):
                 wrong.append(("plain", i))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)] + [threading.Thread(target=plain_worker)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    helpers.in_threads(worker, 4, plain_worker)
     assert wrong == []
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all("forward" not in m.__dict__ for m in model.modules())

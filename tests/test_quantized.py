@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers as tf
 from helpers import moved, rel_err
+from models import small_config
 
 import lite_fn as lf
 
@@ -29,18 +30,11 @@ QUANT = {
 @functools.cache
 def _saved(kind: str) -> str:
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=64,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )  # 64 wide: bitsandbytes' CPU blocks need ≥ 64
     cls, cfg = {"llama": (tf.LlamaForCausalLM, tf.LlamaConfig), "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config)}[kind]
+    # 64 wide: bitsandbytes' CPU blocks need ≥ 64
+    config = small_config(cfg, hidden_size=64, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64)
     folder = tempfile.mkdtemp(prefix=f"lite_fn-{kind}-")
-    cls(cfg(**common)).eval().save_pretrained(folder)
+    cls(config).eval().save_pretrained(folder)
     return folder
 
 

@@ -65,10 +65,14 @@ def test_vmap_many_adapters_and_routed_batch(case):
     got = vmap(lambda p: logits(lf.call(model, p, x)))(stacked)
     want = torch.stack([logits(lf.call(model, p, x)) for p in ps])
     assert rel_err(got, want) <= 1e-5
-    route = torch.tensor([2, 0, 2])
-    mixed = logits(lf.call(model, stacked, x, route=route))
-    for i, k in enumerate(route.tolist()):
-        assert rel_err(mixed[i], logits(lf.call(model, ps[k], x[i : i + 1]))[0]) <= 1e-5
+    x6 = tokens(6, 5, seed=2)
+    each = [[logits(lf.call(model, p, x6[i : i + 1]))[0] for p in ps] for i in range(6)]
+    # per-example copies (runs of unequal length), runs of adapters 0..K−1 in order (the stack itself),
+    # runs in another order, one adapter for all
+    for route in ([2, 0, 2, 1, 1, 0], [0, 0, 1, 1, 2, 2], [1, 1, 0, 0, 2, 2], [2] * 6):
+        mixed = logits(lf.call(model, stacked, x6, route=torch.tensor(route)))
+        for i, k in enumerate(route):
+            assert rel_err(mixed[i], each[i][k]) <= 1e-5, (route, i)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

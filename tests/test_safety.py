@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 import transformers as tf
-from helpers import moved
-from models import logits, tied_llama, tiny, tokens
+from helpers import in_threads, moved
+from models import logits, small_config, tied_llama, tiny, tokens
 from torch import nn
 from torch.func import vmap
 
@@ -53,11 +53,7 @@ def test_threads_share_one_model_and_each_gets_its_own_adapter():
                 if not torch.equal(logits(model(x)), plain):
                     wrong.append(("plain", i))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)] + [threading.Thread(target=plain_worker)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_threads(worker, 4, plain_worker)
     assert not errors, errors
     assert wrong == []
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
@@ -83,11 +79,7 @@ def test_threads_with_base_weights_on_one_skeleton():
                 if not torch.equal(logits(lf.call(skeleton, p, x, base=weights[k])), expected[k]):
                     wrong.append((t, i))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_threads(worker, 4)
     assert wrong == []
     assert all(t.is_meta for t in skeleton.parameters())
 
@@ -207,17 +199,8 @@ def test_linear_layers_sharing_one_weight_are_refused():
 def test_route_on_models_that_flatten_batch_and_sequence(kind):
     if kind == "opt":
         torch.manual_seed(0)
-        model = tf.OPTForCausalLM(
-            tf.OPTConfig(
-                vocab_size=64,
-                hidden_size=32,
-                num_hidden_layers=2,
-                ffn_dim=64,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-                word_embed_proj_dim=32,
-            )
-        ).eval()
+        config = small_config(tf.OPTConfig, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32)
+        model = tf.OPTForCausalLM(config).eval()
         targets = r"(fc1|fc2|q_proj)$"
     else:
         model, targets = tiny("gpt2"), r"(c_attn|c_fc|mlp\.c_proj)$"  # Conv1D flattens its input too
@@ -413,9 +396,7 @@ def test_every_variant_returns_contiguous_leaves():
 
 def test_gradient_checkpointing_is_refused_while_training():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    )
+    cfg = small_config(tf.LlamaConfig, num_key_value_heads=2, intermediate_size=64)
     model = tf.LlamaForCausalLM(cfg)
     model.activation_checkpointing_enable() if hasattr(
         model, "activation_checkpointing_enable"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from cases import D_IN, D_OUT, all_cases, case_id
-from helpers import layer_params, make_layer, perturb, rel_err, with_steering
+from helpers import assert_rank_above_min_dim_refused, layer_params, make_layer, perturb, rel_err, with_steering
 from torch.func import vmap
 
 from lite_fn import variants
@@ -174,3 +174,9 @@ def test_compiles_without_graph_breaks(case):
     got, want = step(train, x_in()), torch.func.grad(loss)(train, x_in())
     for k in train:
         assert rel_err(got[k], want[k]) <= 1e-5, k
+
+
+@pytest.mark.parametrize("name", ["delora", "dora", "pissa"])
+def test_rank_above_min_dim_refused(name):
+    mod = variants.get(name)
+    assert_rank_above_min_dim_refused(mod, mod.Config, D_OUT, D_IN)

@@ -23,17 +23,8 @@ from .._contract import never_random
 from . import _padding
 from .ia3 import ones_gain
 
-__all__ = [
-    "NAME",
-    "TRAINABLE",
-    "Config",
-    "IA3FFConfig",
-    "apply",
-    "init",
-    "pad",
-    "random_init",
-    "shapes",
-]  # the variant contract; other names are shared helpers
+# the variant contract; other names are shared helpers
+__all__ = ["NAME", "TRAINABLE", "Config", "IA3FFConfig", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "ia3_ff"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 

@@ -32,20 +32,11 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from . import _padding
-from .lora import check_dropout, delta, dropout_leaf, dropped, scaling
+from .lora import check_dropout, dropout_leaf, dropped, scaling
 from .lora import shapes as lora_shapes
 
-__all__ = [
-    "NAME",
-    "TRAINABLE",
-    "Config",
-    "PiSSAConfig",
-    "apply",
-    "init",
-    "pad",
-    "random_init",
-    "shapes",
-]  # the variant contract; other names are shared helpers
+# the variant contract; other names are shared helpers
+__all__ = ["NAME", "TRAINABLE", "Config", "PiSSAConfig", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "pissa"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 
@@ -119,6 +110,13 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "pissa.apply")
-    frozen = {"A": params["A0"], "B": params["B0"], "scale": params["scale"]}
     # dropout acts on the trained branch only; the frozen term belongs to peft's residual weight W − s·B0A0
-    return torch.nn.functional.linear(x, W, b) + (delta(params, dropped(params, x, noise)) - delta(frozen, x))
+    # h Bᵀ − h0 B0ᵀ written as h (B − B0)ᵀ + (h − h0) B0ᵀ: one GEMM (rank 2r) accumulated into the base
+    # output, and exactly zero at init (B = B0 and h = h0 there), so identity at init holds bit for bit
+    s = params["scale"]
+    h = torch.nn.functional.linear(dropped(params, x, noise), params["A"]) * s  # (..., r)
+    h0 = torch.nn.functional.linear(x, params["A0"]) * s
+    hh = torch.cat((h, h - h0), dim=-1)  # (..., 2r)
+    return linalg.add_product(
+        torch.nn.functional.linear(x, W, b), hh, torch.cat((params["B"] - params["B0"], params["B0"]), dim=-1)
+    )

@@ -30,17 +30,8 @@ from .. import _checks, _keys
 from .._contract import never_random
 from . import _padding
 
-__all__ = [
-    "NAME",
-    "TRAINABLE",
-    "Config",
-    "ROADConfig",
-    "apply",
-    "init",
-    "pad",
-    "random_init",
-    "shapes",
-]  # the variant contract; other names are shared helpers
+# the variant contract; other names are shared helpers
+__all__ = ["NAME", "TRAINABLE", "Config", "ROADConfig", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "road"
 TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
 
