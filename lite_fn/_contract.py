@@ -65,6 +65,9 @@ class VariantSpec:
         stat(cfg, W) -> Stat | None      a calibration statistic, for data-driven inits
         plan(stats, cfgs, dims) -> cfgs  a cross-layer step after calibration (EVA's rank budget)
         pad(path, present, K, own)       lf.stack(pad=True): leaves for all K adapters, equal in shape
+        apply_runs(params, W, x, b)      K adapters (leaves with a leading axis K) on x (K, m..., d_in) at
+                                         once, equal to vmap(apply) over that axis: a routed call's fast
+                                         path when its examples come in equal runs, one adapter per run
     """
 
     NAME: str
@@ -78,6 +81,7 @@ class VariantSpec:
     stat: Callable[[Any, Tensor], Stat | None] | None = None
     plan: Callable[[Mapping[str, Stat], dict, dict], dict] | None = None
     pad: Callable[[str, dict, int, Callable], dict] | None = None
+    apply_runs: Callable[..., Tensor] | None = None
     source: Any = None  # the module or object it was built from
 
     @classmethod
@@ -101,7 +105,9 @@ class VariantSpec:
         if not isinstance(trainable, (set, frozenset)) or not all(isinstance(t, str) for t in trainable):
             raise TypeError(f"{variant.NAME}: TRAINABLE must be a frozenset of leaf names, got {trainable!r}")
         optional = {
-            k: getattr(variant, k) for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad") if hasattr(variant, k)
+            k: getattr(variant, k)
+            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs")
+            if hasattr(variant, k)
         }
         return cls(
             NAME=variant.NAME,

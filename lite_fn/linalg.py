@@ -63,17 +63,28 @@ def top_svd(W: Tensor, r: int, *, niter: int | None = None, key: _keys.Key = 0) 
 def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     """y + h Mᵀ for h (..., r) and M (d_out, r): an adapter's low-rank product added to a layer output.
 
+    With a stack M (K, d_out, r), y (K, ..., d_out) and h (K, ..., r): each slice k gets its own M_k.
     ``y`` must be a fresh output that the caller owns (e.g. just returned by ``F.linear``). In plain
-    eager code the product is accumulated into ``y`` in place (one GEMM with β = 1): no temporary
-    of y's size to allocate, fill and add — on CPU that temporary (fresh pages) costs more than the
-    rank-r GEMM itself. Exact either way (autograd never needs a linear layer's output). Out of place
-    under a functorch transform (``aten::addmm_`` has no vmap batching rule, and an unbatched ``y``
-    cannot take a batched product) and under ``torch.compile`` (inductor fuses the add itself).
+    eager code the product is accumulated into ``y`` in place (one GEMM with β = 1, or one
+    ``baddbmm_`` for a stack): no temporary of y's size to allocate, fill and add — on CPU that
+    temporary (fresh pages) costs more than the rank-r GEMM itself. Exact either way (autograd never
+    needs a linear layer's output). Out of place under a functorch transform (``aten::addmm_`` has
+    no vmap batching rule, an unbatched ``y`` cannot take a batched product, and a custom batching
+    rule costs more per call than it saves at small widths) and under ``torch.compile`` (inductor
+    fuses the add itself).
     """
+    stacked = M.ndim == 3
+    rows = (y.shape[0], -1) if stacked else (-1,)
     plain = not torch.compiler.is_compiling() and not any(_wrapped(t) for t in (y, h, M))
     if plain and y.dtype == h.dtype == M.dtype and y.shape[:-1] == h.shape[:-1] and y.ndim >= 1 and y.is_contiguous():
-        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), M.t())
+        y3, h3 = y.view(*rows, y.shape[-1]), h.reshape(*rows, h.shape[-1])
+        if stacked:
+            y3.baddbmm_(h3, M.mT)
+        else:
+            y3.addmm_(h3, M.mT)
         return y
+    if stacked:
+        return y + torch.bmm(h.reshape(*rows, h.shape[-1]), M.mT).view(y.shape)
     return y + torch.nn.functional.linear(h, M)
 
 

@@ -296,7 +296,9 @@ def _routed(
             per = leaves if runs is None else tree_map(lambda v: v[runs], leaves)
             rows = xs.reshape(-1, segments.per_run, *xs.shape[1:])
             noise = None if noise is None else noise.reshape(rows.shape)
-        if noise is None:
+        if noise is None and segments is not None and variant.apply_runs is not None:
+            y = variant.apply_runs(per, W, rows, b)
+        elif noise is None:
             y = vmap(variant.apply, in_dims=(0, None, 0, None))(per, W, rows, b)
         else:
             y = vmap(variant.apply, in_dims=(0, None, 0, None, 0))(per, W, rows, b, noise)

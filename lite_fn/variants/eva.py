@@ -58,6 +58,7 @@ __all__ = [
     "EVAConfig",
     "Stat",
     "apply",
+    "apply_runs",
     "init",
     "pad",
     "plan",
@@ -67,6 +68,7 @@ __all__ = [
 ]  # the variant contract; other names are shared helpers
 NAME = "eva"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
+apply_runs = lora.apply_runs  # the same leaves and product as LoRA
 
 random_init = never_random  # init draws no random numbers
 
