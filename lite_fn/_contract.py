@@ -68,6 +68,10 @@ class VariantSpec:
         apply_runs(params, W, x, b)      K adapters (leaves with a leading axis K) on x (K, m..., d_in) at
                                          once, equal to vmap(apply) over that axis: a routed call's fast
                                          path when its examples come in equal runs, one adapter per run
+        prepare(layers) -> layers        per call, before the forward: {path: leaves} of all this variant's
+                                         layers -> the leaves ``apply`` gets (may add derived leaves, e.g.
+                                         per-call weight math done for all layers at once); ``apply``
+                                         must give the same result with or without them
     """
 
     NAME: str
@@ -82,6 +86,7 @@ class VariantSpec:
     plan: Callable[[Mapping[str, Stat], dict, dict], dict] | None = None
     pad: Callable[[str, dict, int, Callable], dict] | None = None
     apply_runs: Callable[..., Tensor] | None = None
+    prepare: Callable[[dict[str, Leaves]], dict[str, Leaves]] | None = None
     source: Any = None  # the module or object it was built from
 
     @classmethod
@@ -106,7 +111,7 @@ class VariantSpec:
             raise TypeError(f"{variant.NAME}: TRAINABLE must be a frozenset of leaf names, got {trainable!r}")
         optional = {
             k: getattr(variant, k)
-            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs")
+            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs", "prepare")
             if hasattr(variant, k)
         }
         return cls(

@@ -345,6 +345,23 @@ def _applying(entry: _Entry, route: Tensor | None, key, segments: _Segments | No
     return lambda x, W, b, base: variant.apply(leaves, W, x, b, _noise(seed, x))
 
 
+def _prepared(entries: list[_Entry]) -> list[_Entry]:
+    """Entries whose leaves went through their variant's ``prepare`` hook (once per variant, all its
+    layers together); the caller's params are not touched."""
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(entries):
+        if e.variant.prepare is not None:
+            groups.setdefault(id(e.variant), []).append(i)
+    entries = list(entries)
+    for idx in groups.values():
+        prepare = entries[idx[0]].variant.prepare
+        assert prepare is not None
+        done = prepare({entries[i].path: entries[i].leaves for i in idx})
+        for i in idx:
+            entries[i] = entries[i]._replace(leaves=done[entries[i].path])
+    return entries
+
+
 def _checkpointing(model: nn.Module) -> bool:
     """Whether a transformers model re-runs its layers during backward (activation checkpointing)."""
     flag = getattr(type(model), "is_activation_checkpointing", None)
@@ -369,6 +386,8 @@ def _prepare(model, params, route, freeze_base, base, key=None):
                 "key= turns on adapter dropout, but no layer of params has a dropout rate; build them with "
                 "e.g. lf.LoRAConfig(r=8, dropout=0.1), or drop key="
             )
+    if route is None:
+        entries = _prepared(entries)
     segments = None if route is None or K is None else _segments(route, K)
     layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments)) for e in entries]
     return _inject.mode(layers, swap, freeze_base)

@@ -74,14 +74,21 @@ def test_vmap_equals_loop(case):
     stacked = {k: torch.stack([p[k].detach() for p in ps]) for k in base}
     x = x_in()
     got = vmap(mod.apply, in_dims=(0, None, None, None))(stacked, W, x, b)
-    want = torch.stack([mod.apply(p, W, x, b) for p in ps])
-    assert rel_err(got, want) <= 1e-5
+    want_shared = torch.stack([mod.apply(p, W, x, b) for p in ps])
+    assert rel_err(got, want_shared) <= 1e-5
     # also vmapped over x together with params (the routed case)
     xs = torch.randn(4, 5, D_IN)
     got = vmap(mod.apply, in_dims=(0, None, 0, None))(stacked, W, xs, b)
     want = torch.stack([mod.apply(p, W, xi, b) for p, xi in zip(ps, xs)])
     assert rel_err(got, want) <= 1e-5
     spec = variants.get(name)
+    if spec.prepare is not None:  # per-call weight math for all layers at once: the same outputs, vmapped too
+        done = spec.prepare({str(k): p for k, p in enumerate(ps)})
+        assert all(rel_err(mod.apply(done[str(k)], W, x, b), want_k) <= 1e-5 for k, want_k in enumerate(want_shared))
+        alphas = torch.linspace(-1.0, 1.0, 3)
+        leaf = spec.STEERING_LEAF or "alpha"
+        swept = vmap(lambda a: mod.apply(spec.prepare({"l": {**ps[0], leaf: a}})["l"], W, x, b))(alphas)
+        assert rel_err(swept, torch.stack([mod.apply(with_steering(name, ps[0], float(a)), W, x, b) for a in alphas])) <= 1e-5
     if spec.apply_runs is not None:  # the routed fast path: K adapters on K runs of rows, no vmap
         runs = torch.randn(4, 2, 3, D_IN)
         want = torch.stack([mod.apply(p, W, xi, b) for p, xi in zip(ps, runs)])

@@ -56,6 +56,7 @@ __all__ = [
     "apply",
     "init",
     "pad",
+    "prepare",
     "shapes",
     "stat",
 ]  # the variant contract; other names are shared helpers
@@ -264,22 +265,44 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "antipasto.apply")
-    U, S, V, alpha = params["U"], params["S"], params["V"], params["alpha"]
-    h = torch.nn.functional.linear(x, V.mT.contiguous())  # (..., r)  x V, the only projection of x
-    # e = h M with one r × r matrix per call (weights only, nothing per token), M exactly 0 at α = 0:
-    #   e = (h K_v) ⊙ S' + h ⊙ δ        ->  M  = K_v diag(S') + diag(δ),   δ = α·δs = S' − S
-    #   e ← e + (g + e) K_uᵀ, g = h ⊙ S  ->  M ← M + (diag(S) + M) K_uᵀ
-    # and e Uᵀ = h (U Mᵀ)ᵀ: the per-token work is two rank-r GEMMs, as for LoRA.
-    ds = alpha * params["delta_s"]
+    h = torch.nn.functional.linear(x, params["V"].mT.contiguous())  # (..., r)  x V, the only projection of x
+    # e = h M (see the module docstring) and e Uᵀ = h (U Mᵀ)ᵀ: per token, two rank-r GEMMs as for LoRA
+    U_eff = params["U_eff"] if "U_eff" in params else params["U"] @ _mixing(params, h.dtype).mT
+    return linalg.add_product(torch.nn.functional.linear(x, W, b), h, U_eff)
+
+
+def prepare(layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """Per call, before the forward: every layer's U Mᵀ (leaf ``U_eff``, which ``apply`` uses when
+    present), computed for all layers of equal shapes at once — one batched Cayley solve for a whole
+    stack of layers instead of one per layer. Same math as ``apply`` alone."""
+    groups: dict[tuple, list[str]] = {}
+    for path, leaves in layers.items():
+        shapes = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(leaves.items()))
+        groups.setdefault(shapes, []).append(path)
+    out = {}
+    for paths in groups.values():
+        stacked = {k: torch.stack([layers[p][k] for p in paths]) for k in layers[paths[0]]}  # leaves (L, ...)
+        U_eff = torch.bmm(stacked["U"], _mixing(stacked, stacked["U"].dtype).mT)  # (L, d_out, r)
+        out.update({p: {**layers[p], "U_eff": U_eff[i]} for i, p in enumerate(paths)})
+    return out
+
+
+def _mixing(params: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """M (..., r, r) with e = h M, exactly 0 at α = 0; leaves may carry leading (layer) axes:
+    e = (h K_v) ⊙ S' + h ⊙ δ        ->  M  = K_v diag(S') + diag(δ),   δ = α·δs = S' − S
+    e ← e + (g + e) K_uᵀ, g = h ⊙ S  ->  M ← M + (diag(S) + M) K_uᵀ"""
+    S, alpha = params["S"], params["alpha"]
+    ds = alpha[..., None] * params["delta_s"]
     M = torch.diag_embed(ds)
     if "rot_v" in params:
-        M = M + _block_step(params["rot_v"], params, h.dtype) * (S + ds).unsqueeze(-2)
+        M = M + _block_step(params["rot_v"], params, dtype) * (S + ds).unsqueeze(-2)
     if "rot_u" in params:
-        M = M + (torch.diag_embed(S) + M) @ _block_step(params["rot_u"], params, h.dtype).mT
-    return linalg.add_product(torch.nn.functional.linear(x, W, b), h, U @ M.mT)  # + e Uᵀ
+        M = M + (torch.diag_embed(S) + M) @ _block_step(params["rot_u"], params, dtype).mT
+    return M
 
 
 def _block_step(p: Tensor, params: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-    """blockdiag(K_0, …, K_{n−1}) (r, r) of K = R − I for rotation params p (n, bs(bs−1)/2)."""
-    r = params["S"].shape[-1]
-    return linalg.block_diag(_rotation_step(p, params["alpha"], params["max_angle"], r // p.shape[-2], dtype))
+    """blockdiag(K_0, …, K_{n−1}) (..., r, r) of K = R − I for rotation params p (..., n, bs(bs−1)/2)."""
+    scalar = (..., None, None, None)  # α, θ_max (...,) against the blocks (..., n, bs, bs)
+    bs = params["S"].shape[-1] // p.shape[-2]
+    return linalg.block_diag(_rotation_step(p, params["alpha"][scalar], params["max_angle"][scalar], bs, dtype))
