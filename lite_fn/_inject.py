@@ -141,20 +141,22 @@ class _Mode(TorchFunctionMode):
         return [layer.path for layer in self.layers if layer.path not in self.hit]
 
 
-_local = threading.local()
+class _ThreadModes(threading.local):
+    def __init__(self):  # runs once per thread, on its first access: every thread starts with its own empty stack
+        self.modes: list[_Mode] = []
+
+
+_local = _ThreadModes()
 _hook_lock = threading.Lock()
 _hook_handle = None
 
 
 def _active_modes() -> list[_Mode]:
-    stack = getattr(_local, "modes", None)
-    if stack is None:
-        stack = _local.modes = []
-    return stack
+    return _local.modes
 
 
 def _module_hook(module: nn.Module, args: tuple, output):
-    stack = getattr(_local, "modes", None)
+    stack = _local.modes
     if not stack:
         return None
     for m in reversed(stack):  # the innermost active call that targets this module adapts it
@@ -168,7 +170,7 @@ def _install_module_hook() -> None:
     global _hook_handle
     with _hook_lock:  # installed once and kept: removing a global hook while other threads iterate them is unsafe
         if _hook_handle is None:
-            _hook_handle = nn.modules.module.register_module_forward_hook(_module_hook)
+            _hook_handle = nn.modules.module.register_module_forward_hook(_module_hook)  # pyright: ignore[reportArgumentType]  (a forward hook may return a new output; torch annotates None)
 
 
 def mode(layers: list[Layer], swap: dict[int, Tensor], freeze: bool) -> _Mode:

@@ -248,3 +248,28 @@ def test_checkpoint_readable_by_safetensors(tmp_path):
     flat = load_file(str(f))
     for p, bv in params.items():
         assert torch.equal(flat[f"{p}.lora.A"], bv["lora"]["A"].detach())
+
+
+@pytest.mark.parametrize("how", ["alpha sweep (vmap, prepare hook)", "routed call (apply_runs)", "routed call (vmap)"])
+def test_many_adapter_calls_compile_fullgraph_without_recompiling(how):
+    model, x = tiny("llama"), tokens(4, 5)
+    if how.startswith("alpha"):
+        params = lf.init(0, model, lf.AntiPaSTOConfig(r=4, block_size=2), targets=r"(q_proj|down_proj)$", progress=False)
+
+        def fn(p, values):
+            return vmap(lambda a: logits(lf.call(model, lf.with_alpha(p, a), x)))(values)
+
+        args, other = (params, torch.linspace(-1.0, 1.0, 3)), (params, torch.linspace(-2.0, 0.5, 3))
+    else:
+        ps = [moved(lf.init(k, model, lf.LoRAConfig(r=4), progress=False), k + 1) for k in range(4)]
+        route = torch.arange(4) if "apply_runs" in how else torch.tensor([3, 0, 3, 1])
+
+        def fn(p, r):
+            return logits(lf.call(model, p, x, route=r))
+
+        args, other = (lf.stack(ps), route), (lf.stack(ps[::-1]), route)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert rel_err(compiled(*args), fn(*args)) <= 1e-5
+        with torch._dynamo.config.patch(error_on_recompile=True):  # new values, same shapes: no recompile
+            assert rel_err(compiled(*other), fn(*other)) <= 1e-5

@@ -277,7 +277,7 @@ def prepare(layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]
     stack of layers instead of one per layer. Same math as ``apply`` alone."""
     groups: dict[tuple, list[str]] = {}
     for path, leaves in layers.items():
-        shapes = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(leaves.items()))
+        shapes = tuple((k, tuple(leaves[k].shape), leaves[k].dtype, leaves[k].device) for k in sorted(leaves))
         groups.setdefault(shapes, []).append(path)
     out = {}
     for paths in groups.values():
