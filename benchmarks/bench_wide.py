@@ -246,6 +246,18 @@ def steering_row(bench: Bench, tab: C.Table, checks: list, name: str, model, tar
 
 
 # ----------------------------------------------------------------------------- main
+def reachable(m: dict, target: float) -> str:
+    """pass/miss for peft mixed / lite best >= target, and what it would take against the limit."""
+    speed = m["peft mixed"] / min(m[n] for n in LITE)
+    needed = m["peft mixed"] / m["limit"] / target
+    verdict = C.goal(speed, ">=", target)
+    return (
+        verdict
+        if speed >= target
+        else f"{verdict}; needs lite/limit ≤ {needed:.2f} (peft mixed/limit {m['peft mixed'] / m['limit']:.2f})"
+    )
+
+
 def main():
     p = C.parser((__doc__ or "").splitlines()[0])
     p.add_argument("--hidden2048", action="store_true", help="add a hidden-2048 (intermediate 5632, 2 layers) row to part 1")
@@ -321,11 +333,11 @@ def main():
             speed = m["peft mixed"] / m[best_n]
             if name.startswith("wide"):
                 bench.goal(f"1: {name} K={K}, lite best ({best_n}) / limit", C.ratio(best), C.goal(best, "<=", WIDE_LIMIT))
-                bench.goal(f"1: {name} K={K}, peft mixed / lite best", C.ratio(speed), C.goal(speed, ">=", WIDE_PEFT))
+                bench.goal(f"1: {name} K={K}, peft mixed / lite best", C.ratio(speed), reachable(m, WIDE_PEFT))
             else:
                 bench.goal(f"1: {name} K={K}, lite best ({best_n}) / limit", C.ratio(best), C.goal(best, "<=", SMALL_LIMIT))
                 if K == 64 or (q and max(Ks) == K):
-                    bench.goal(f"1: {name} K={K}, peft mixed / lite best", C.ratio(speed), C.goal(speed, ">=", SMALL_PEFT_K64))
+                    bench.goal(f"1: {name} K={K}, peft mixed / lite best", C.ratio(speed), reachable(m, SMALL_PEFT_K64))
         del pm
         if name != "wide-2048":
             models[name] = (model, lite_all, r, B, T)
@@ -455,11 +467,13 @@ Correctness (same adapter weights): {"; ".join(checks)}.
 
 Peak of torch's CPU allocator total during one call (`torch.profiler`, `profile_memory=True`), above
 what was live before it (weights and adapter params excluded); the full logits are part of every
-contender's output. The routed call gathers each example's adapter leaves per layer
-(`leaf[route]`: for LoRA, K·B copies of A (r×d_in) and B (d_out×r) of the layer being computed, freed
-after it) and runs the adapter under vmap over the examples, whose r-wide intermediate is
-(K·B, T, r); the vmapped call uses the stacked leaves in place, and the layer's output is built with the same
-shape as the base's in both.
+contender's output. The route here is `arange(K).repeat_interleave(B)`: examples in equal
+runs, one adapter per run, so the routed call uses the stacked leaves themselves (no per-example copy;
+for LoRA `apply_runs`: one base GEMM over all rows, one batched GEMM for the (K, B·T, r) intermediate,
+and the products with B accumulated into the base output in place by one `baddbmm_`). Other routes
+gather each example's leaves per layer (`leaf[route]`, freed after the layer) and vmap `apply`. The
+vmapped call runs the whole model under vmap, where each adapted layer adds its product out of place
+(one extra output-sized temporary per layer).
 
 {mem_tab.markdown() if mem_tab.rows else "(skipped)"}
 
