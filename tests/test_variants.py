@@ -187,8 +187,10 @@ def test_compiles_without_graph_breaks(case):
     train = {k: v for k, v in p.items() if v.requires_grad}
     frozen = {k: v for k, v in p.items() if not v.requires_grad}
 
-    def loss(t, x):
-        return mod.apply({**frozen, **t}, W, x, b).pow(2).mean()
+    weights = torch.randn(x_in().shape[:-1] + (D_OUT,), generator=torch.Generator().manual_seed(7))
+
+    def loss(t, x):  # a random projection: pow(2) would give RoAd's angles an exactly zero gradient (rotations keep norms)
+        return (mod.apply({**frozen, **t}, W, x, b) * weights).sum()
 
     torch._dynamo.reset()
     step = torch.compile(torch.func.grad(loss), fullgraph=True, backend="eager")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from einops import einsum
 from torch import Tensor
 
 from .. import _checks, _keys
@@ -55,5 +54,5 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "ia3_ff.apply")
-    xg = einsum(x, params["g"], "... i, i -> ... i")
+    xg = x * params["g"]  # (..., i) ⊙ (i,)
     return torch.nn.functional.linear(xg, W, b)

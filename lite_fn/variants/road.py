@@ -150,5 +150,12 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
         c1, c2 = alpha * torch.cos(theta), alpha * torch.sin(theta)
     y = torch.nn.functional.linear(x, W, b)  # (..., o), bias included
     y = rearrange(y, "... (g s h) -> ... g s h", g=theta.shape[0], s=2)
-    rot_half = torch.stack((-y[..., 1, :], y[..., 0, :]), dim=-2)  # (−y_second, y_first)
-    return rearrange(y * c1 + rot_half * c2, "... g s h -> ... (g s h)")
+    if torch.compiler.is_compiling():  # inductor fuses the plain formula (and rejects the in-place one under grad)
+        rot_half = torch.stack((-y[..., 1, :], y[..., 0, :]), dim=-2)  # (−y_second, y_first)
+        return rearrange(y * c1 + rot_half * c2, "... g s h -> ... (g s h)")
+    # y ⊙ c₁ + rot_half(y) ⊙ c₂ with rot_half(y) = (−y_second, y_first), the second term accumulated
+    # into the fresh product half by half (no rot_half copy, no further output-sized temporaries)
+    out = y * c1
+    out[..., 0, :].addcmul_(y[..., 1, :], c2.select(-2, 0), value=-1.0)
+    out[..., 1, :].addcmul_(y[..., 0, :], c2.select(-2, -1))
+    return rearrange(out, "... g s h -> ... (g s h)")
