@@ -9,7 +9,8 @@ torch.cuda.max_memory_allocated during one call. Sections:
 2. K=16 LoRAs (r=16, all seven block linears) × 64 tokens: vmap, route, peft's mixed batch, vs the
    base at the same total batch and one adapter on every row;
 3. a 9-alpha AntiPaSTO sweep (r=16 on all block linears) in one vmapped call vs the base at 9× batch;
-4. a LoRA train step on a 4-bit (nf4, bf16 compute) base vs the bf16 base vs peft's QLoRA.
+4. a LoRA train step on a 4-bit (nf4, bf16 compute) base vs the bf16 base vs peft's QLoRA;
+5. K=16 LoRAs trained in one step vs 16 sequential lite_fn / peft steps (bench_train_many.py's setting).
 """
 
 from __future__ import annotations
@@ -294,6 +295,33 @@ def main():
         ]
     except Exception as e:
         lines += [f"QLoRA section failed: {type(e).__name__}: {e}", ""]
+    # 5. K adapters trained in one step vs K sequential steps, on the CPU benchmark's Llama (bench_train_many.py)
+    try:
+        import bench_train_many as TM
+
+        small = C.llama(hidden=64 if args.smoke else 256, layers=4, attn="eager").to(dev).requires_grad_(False)
+        small.train()
+        (K, B, T), r = ((4, 1, 8) if args.smoke else (16, 1, 32)), 8
+        xk = torch.stack([C.tokens(B, T, small.config.vocab_size, seed=k) for k in range(K)]).to(dev)
+        adapters = TM.make_adapters(small, K, r)
+        fns = {
+            "limit": TM.limit_step(small, xk),
+            "at once": TM.at_once_step(small, lf.stack(adapters), xk, 1e-3),
+            "lite seq": TM.lite_seq_step(small, [TM.own_copy(a) for a in adapters], xk, 1e-3),
+            "peft seq": TM.peft_seq_step(TM.peft_model(small, K, r), K, xk, 1e-3),
+        }
+        t = timed(fns, repeats=10)
+        lines += [
+            f"### K={K} LoRAs trained in one step (AdamW), the CPU benchmark's Llama (hidden 256, 4 layers, fp32), {B}×{T} tokens each (ms)",
+            "",
+            f"| limit (base fwd+bwd, all rows) | at once | {K} sequential lite_fn | {K} sequential peft | lite seq / at once | peft seq / at once | at once / limit |",
+            "|---|---|---|---|---|---|---|",
+            f"| {t['limit']:.2f} | {t['at once']:.2f} | {t['lite seq']:.2f} | {t['peft seq']:.2f} | "
+            f"{t['lite seq'] / t['at once']:.2f}x | {t['peft seq'] / t['at once']:.2f}x | {t['at once'] / t['limit']:.2f}x |",
+            "",
+        ]
+    except Exception as e:
+        lines += [f"train-many section failed: {type(e).__name__}: {str(e)[:300]}", ""]
     text = "\n".join(lines)
     print(text)
     with open(args.out, "w") as f:
