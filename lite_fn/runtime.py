@@ -357,6 +357,13 @@ def _prepared(entries: list[_Entry]) -> list[_Entry]:
         prepare = entries[idx[0]].variant.prepare
         assert prepare is not None
         done = prepare({entries[i].path: entries[i].leaves for i in idx})
+        paths = {entries[i].path for i in idx}
+        if not isinstance(done, dict) or set(done) != paths:
+            got = sorted(done) if isinstance(done, dict) else type(done).__name__
+            raise ValueError(
+                f"variant {entries[idx[0]].variant.NAME!r}: prepare() must return {{path: leaves}} for exactly the "
+                f"layers it was given ({sorted(paths)[:4]}…), got {got}"
+            )
         for i in idx:
             entries[i] = entries[i]._replace(leaves=done[entries[i].path])
     return entries

@@ -78,3 +78,40 @@ def test_registration_errors():
     bad.NAME = "mismatch"
     with pytest.raises(ValueError, match=r"Config.variant_name is 'other_name'"):
         lf.register_variant(bad)
+
+
+def test_user_variant_speed_hooks_prepare_and_apply_runs():
+    """The optional hooks: prepare (per-call derived leaves for all layers) and apply_runs (routed runs)."""
+    variant, Config = make_gain_variant("gain_hooks")
+    calls = {"prepare": 0, "runs": 0}
+
+    def prepare(layers):
+        calls["prepare"] += 1
+        return {path: {**leaves, "gain": 1.0 + leaves["c"]} for path, leaves in layers.items()}
+
+    def apply(params, W, x, b=None):
+        gain = params["gain"] if "gain" in params else 1.0 + params["c"]
+        return torch.nn.functional.linear(x, W, b) * gain
+
+    def apply_runs(params, W, x, b=None):  # leaves (K, d_out), x (K, m..., d_in)
+        calls["runs"] += 1
+        gain = (1.0 + params["c"]).reshape(x.shape[0], *[1] * (x.ndim - 2), -1)
+        return torch.nn.functional.linear(x, W, b) * gain
+
+    variant.prepare, variant.apply, variant.apply_runs = prepare, apply, apply_runs
+    lf.register_variant(variant)
+    try:
+        model, x = tiny("llama"), tokens(4, 5)
+        p = lf.init(0, model, Config(), targets=r"(q_proj|v_proj)$")
+        ps = [{k: {n: {"c": lv["c"] + 0.1 * (i + 1)} for n, lv in bv.items()} for k, bv in p.items()} for i in range(2)]
+        want = [logits(lf.call(model, q, x)) for q in ps]
+        assert calls["prepare"] == 2 and (want[0] - want[1]).abs().max() > 1e-3  # once per call, all layers
+        routed = logits(lf.call(model, lf.stack(ps), x, route=torch.tensor([0, 0, 1, 1])))
+        assert calls["runs"] > 0
+        assert (routed[:2] - want[0][:2]).abs().max() <= 1e-5 and (routed[2:] - want[1][2:]).abs().max() <= 1e-5
+        variant.prepare = lambda layers: {}  # a hook that loses layers is an error naming the variant, never a skip
+        lf.register_variant(variant, replace=True)
+        with pytest.raises(ValueError, match=r"'gain_hooks': prepare\(\) must return"):
+            lf.call(model, p, x)
+    finally:
+        lf.REGISTRY.pop("gain_hooks", None)

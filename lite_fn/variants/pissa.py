@@ -111,10 +111,11 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "pissa.apply")
     # dropout acts on the trained branch only; the frozen term belongs to peft's residual weight W − s·B0A0
-    # h Bᵀ − h0 B0ᵀ written as h (B − B0)ᵀ + (h − h0) B0ᵀ: two rank-r GEMMs accumulated into the base
-    # output, each exactly zero at init (B = B0 and h = h0 there), so identity at init holds bit for bit
+    # h Bᵀ − h0 B0ᵀ written as h (B − B0)ᵀ + (h − h0) B0ᵀ: one GEMM (rank 2r) accumulated into the base
+    # output, exactly zero at init (B = B0 and h = h0 there), so identity at init holds bit for bit
     s = params["scale"]
     h = torch.nn.functional.linear(dropped(params, x, noise), params["A"]) * s  # (..., r)
-    h0 = torch.nn.functional.linear(x, params["A0"]) * s
-    y = linalg.add_product(torch.nn.functional.linear(x, W, b), h, params["B"] - params["B0"])
-    return linalg.add_product(y, h - h0, params["B0"])
+    h0 = torch.nn.functional.linear(x, params["A0"]) * s  # same inputs as h at init: bitwise equal there
+    hh = torch.cat((h, h - h0), dim=-1)  # (..., 2r)
+    M = torch.cat((params["B"] - params["B0"], params["B0"]), dim=-1)  # (d_out, 2r)
+    return linalg.add_product(torch.nn.functional.linear(x, W, b), hh, M)
