@@ -71,7 +71,8 @@ class VariantSpec:
         prepare(layers) -> layers        per call, before the forward: {path: leaves} of all this variant's
                                          layers -> the leaves ``apply`` gets (may add derived leaves, e.g.
                                          per-call weight math done for all layers at once); ``apply``
-                                         must give the same result with or without them
+                                         must give the same result with or without them (lf.applied
+                                         skips it: its block runs many forwards while leaves may change)
     """
 
     NAME: str

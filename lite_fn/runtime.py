@@ -375,7 +375,7 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, "is_activation_checkpointing", False)) if flag is not None else False
 
 
-def _prepare(model, params, route, freeze_base, base, key=None):
+def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True):
     if torch.is_grad_enabled() and model.training and _checkpointing(model):
         raise RuntimeError(
             f"{type(model).__name__} has gradient checkpointing on: it re-runs layers during backward, after "
@@ -393,7 +393,7 @@ def _prepare(model, params, route, freeze_base, base, key=None):
                 "key= turns on adapter dropout, but no layer of params has a dropout rate; build them with "
                 "e.g. lf.LoRAConfig(r=8, dropout=0.1), or drop key="
             )
-    if route is None:
+    if route is None and one_forward:  # derived leaves live for one forward: a block may see leaves change in place
         entries = _prepared(entries)
     segments = None if route is None or K is None else _segments(route, K)
     layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments)) for e in entries]
@@ -495,7 +495,8 @@ def applied(
         >>> torch.equal(y, lf.call(model, params, x))
         True
     """
-    m = _prepare(model, params, route, freeze_base, base, key)
+    # no prepare hooks here: the block runs many forwards, and leaves may change in place between them
+    m = _prepare(model, params, route, freeze_base, base, key, one_forward=False)
     with m:
         yield
     missed = m.missed()

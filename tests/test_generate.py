@@ -74,6 +74,20 @@ def test_alpha_sweep_generate_and_alpha_zero_is_the_base():
     assert len({tuple(r.tolist()) for r in rows}) > 1
 
 
+def test_leaves_changed_in_place_inside_a_block_take_effect_at_the_next_forward():
+    """A block runs many forwards; a value swap (alpha.fill_) or an optimizer step between them is seen
+    by the next one (per-call derived leaves, e.g. AntiPaSTO's prepare hook, are not used in a block)."""
+    model, x = tiny("llama"), tokens(2, 5)
+    steer = moved(lf.init(0, model, lf.AntiPaSTOConfig(r=8, block_size=4), targets=r"(o_proj|down_proj)$"), 1, scale=30.0)
+    alphas = [leaves["alpha"] for bv in steer.values() for leaves in bv.values()]
+    with torch.no_grad(), lf.applied(model, steer):
+        first = model(x).logits
+        for a in alphas:
+            a.fill_(-1.0)
+        second = model(x).logits
+    assert torch.equal(second, lf.call(model, steer, x).logits) and not torch.allclose(first, second)
+
+
 def test_beam_search_keeps_routes_aligned():
     model = tiny("llama")
     adapters = [moved(lf.init(k, model, lf.LoRAConfig(r=4), targets=TARGETS), k) for k in range(2)]
