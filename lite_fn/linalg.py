@@ -75,8 +75,13 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     """
     stacked = M.ndim == 3
     rows = (y.shape[0], -1) if stacked else (-1,)
-    plain = not torch.compiler.is_compiling() and not any(_wrapped(t) for t in (y, h, M))
-    if plain and y.dtype == h.dtype == M.dtype and y.shape[:-1] == h.shape[:-1] and y.ndim >= 1 and y.is_contiguous():
+    if (
+        eager_values(y, h, M)
+        and y.dtype == h.dtype == M.dtype
+        and y.shape[:-1] == h.shape[:-1]
+        and y.ndim >= 1
+        and y.is_contiguous()
+    ):
         y3, h3 = y.view(*rows, y.shape[-1]), h.reshape(*rows, h.shape[-1])
         if stacked:
             y3.baddbmm_(h3, M.mT)
@@ -88,8 +93,12 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     return y + torch.nn.functional.linear(h, M)
 
 
-def _wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)  # pyright: ignore[reportAttributeAccessIssue]
+def eager_values(*tensors: Tensor) -> bool:
+    """Whether these are plain eager tensors: not traced by ``torch.compile`` and not wrapped by a
+    functorch transform (vmap/grad), so their values can be read and they can be written in place."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def skew_from_triu(p: Tensor, bs: int) -> Tensor:

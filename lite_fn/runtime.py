@@ -20,7 +20,7 @@ from torch.func import vmap
 from . import _base, _checks, _inject, _keys, _layers, linalg, variants
 from ._contract import VariantSpec
 from .calibration import collect as collect_statistics
-from .trees import Params, _declared, _functorch_wrapped, tree_map
+from .trees import Params, _declared, tree_map
 
 # Output heads and embedding-like names never targeted by default.
 _DEFAULT_EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|score|classifier|pooler\.dense|cls\..*)$")
@@ -235,7 +235,7 @@ def _check_route(route, K: int | None) -> Tensor:
         )
     if K is None:
         raise ValueError("route= needs stacked params (lf.stack([...])) with a leading adapter axis")
-    if route.numel() and not torch.compiler.is_compiling() and not _functorch_wrapped(route):
+    if route.numel() and linalg.eager_values(route):
         lo, hi = int(route.min()), int(route.max())
         if lo < 0 or hi >= K:
             bad = lo if lo < 0 else hi
@@ -261,7 +261,7 @@ class _Segments(NamedTuple):
 
 
 def _segments(route: Tensor, K: int) -> _Segments | None:
-    if route.numel() == 0 or torch.compiler.is_compiling() or _functorch_wrapped(route):
+    if route.numel() == 0 or not linalg.eager_values(route):
         return None  # data-dependent shapes: the per-example path, which compiles and vmaps
     adapters, counts = torch.unique_consecutive(route, return_counts=True)
     n = int(counts[0])
@@ -287,7 +287,7 @@ def _routed(
             )
         if isinstance(W, _layers.QuantizedWeight):  # the quantized kernel cannot run under vmap: one group per adapter
             y = _grouped(variant, leaves, route, xs, W, b, seed)
-            return y if xs is x else y.reshape(N, *y.shape[2:])
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         noise = _noise(seed, xs)
         if segments is None:  # one copy of the leaves per example
             per, rows = tree_map(lambda v: v[route], leaves), xs

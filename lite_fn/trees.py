@@ -15,7 +15,7 @@ import optree
 import torch
 from torch import Tensor
 
-from . import variants
+from . import linalg, variants
 from .variants import _padding
 
 Params = dict[str, dict[str, dict[str, Tensor]]]
@@ -24,11 +24,6 @@ Params = dict[str, dict[str, dict[str, Tensor]]]
 def tree_map(fn, tree, *rests) -> Any:
     """optree.tree_map over params trees (typed loosely: a params tree is a nested dict of tensors)."""
     return optree.tree_map(fn, tree, *rests)  # pyright: ignore[reportArgumentType]
-
-
-def _functorch_wrapped(t: Tensor) -> bool:
-    """A tensor seen inside vmap/grad (its value is not a plain number to check)."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
@@ -207,7 +202,7 @@ def with_alpha(params: Params, alpha: float | Tensor) -> Params:
                 f"with_alpha: alpha must be a finite number or a 0-d floating tensor, got a tensor of shape "
                 f"{tuple(alpha.shape)} dtype {alpha.dtype}; sweep several values with vmap over a 1-D tensor"
             )
-        if not torch.compiler.is_compiling() and not _functorch_wrapped(alpha) and not bool(torch.isfinite(alpha)):
+        if linalg.eager_values(alpha) and not bool(torch.isfinite(alpha)):
             raise ValueError(f"with_alpha: alpha={alpha.item()} is not finite; pass a finite steering coefficient (e.g. 1.0)")
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"with_alpha: alpha={alpha!r} must be a finite number (e.g. 0.5) or a 0-d floating tensor")

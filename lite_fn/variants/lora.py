@@ -113,17 +113,19 @@ def init(key: _keys.Key, W: Tensor, cfg: LoRAConfig, statistic=None) -> dict[str
     return init_factors(key, W, cfg, "lora.init")
 
 
+def projected(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """s · x Aᵀ, (..., d_in) -> (..., r): the scale applied on the r-wide h, not the d_out-wide output."""
+    return torch.nn.functional.linear(x, params["A"]) * params["scale"]
+
+
 def delta(params: dict[str, Tensor], x: Tensor) -> Tensor:
     """s · (x Aᵀ) Bᵀ — the low-rank branch alone, (..., d_in) -> (..., d_out)."""
-    return torch.nn.functional.linear(torch.nn.functional.linear(x, params["A"]) * params["scale"], params["B"])
+    return torch.nn.functional.linear(projected(params, x), params["B"])
 
 
 def add_delta(y: Tensor, params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """y + s · (x Aᵀ) Bᵀ — the low-rank branch added to a fresh layer output y, (..., d_out)."""
-    # F.linear rather than einsum: the same GEMMs with less dispatch per call; the scale is applied
-    # on the r-wide h instead of the d_out-wide output, and the second GEMM accumulates into y.
-    h = torch.nn.functional.linear(x, params["A"]) * params["scale"]  # (..., r)
-    return linalg.add_product(y, h, params["B"])
+    """y + s · (x Aᵀ) Bᵀ — the low-rank branch added to a fresh layer output y (the second GEMM accumulates into y)."""
+    return linalg.add_product(y, projected(params, x), params["B"])
 
 
 def apply_runs(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from . import _padding
-from .lora import check_dropout, dropout_leaf, dropped, scaling
+from .lora import check_dropout, dropout_leaf, dropped, projected, scaling
 from .lora import shapes as lora_shapes
 
 # the variant contract; other names are shared helpers
@@ -114,8 +114,8 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     # h Bᵀ − h0 B0ᵀ written as h (B − B0)ᵀ + (h − h0) B0ᵀ: one GEMM (rank 2r) accumulated into the base
     # output, exactly zero at init (B = B0 and h = h0 there), so identity at init holds bit for bit
     s = params["scale"]
-    h = torch.nn.functional.linear(dropped(params, x, noise), params["A"]) * s  # (..., r)
-    h0 = torch.nn.functional.linear(x, params["A0"]) * s  # same inputs as h at init: bitwise equal there
+    h = projected(params, dropped(params, x, noise))  # (..., r)  s · x̃ Aᵀ
+    h0 = projected({"A": params["A0"], "scale": s}, x)  # same inputs as h at init: bitwise equal there
     hh = torch.cat((h, h - h0), dim=-1)  # (..., 2r)
     M = torch.cat((params["B"] - params["B0"], params["B0"]), dim=-1)  # (d_out, 2r)
     return linalg.add_product(torch.nn.functional.linear(x, W, b), hh, M)
