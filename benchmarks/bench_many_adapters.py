@@ -32,11 +32,16 @@ def make_inputs(K, B, T, vocab):
     return x_all, torch.arange(K).repeat_interleave(B)
 
 
-def lite_contenders(model, stacked, x_all, idx, K, B, T):
+def logits(out):
+    return out.logits
+
+
+def lite_contenders(model, stacked, x_all, idx, K, B, T, read=logits):
+    """``read`` picks the compared tensor from the model's output (logits; an encoder's last_hidden_state)."""
     xs = x_all.view(K, B, T)
     return {
-        "lite vmap": lambda: vmap(lambda p, x: lf.call(model, p, x).logits)(stacked, xs),
-        "lite route": lambda: lf.call(model, stacked, x_all, route=idx).logits,
+        "lite vmap": lambda: vmap(lambda p, x: read(lf.call(model, p, x)))(stacked, xs),
+        "lite route": lambda: read(lf.call(model, stacked, x_all, route=idx)),
     }
 
 
@@ -51,12 +56,12 @@ def randomize(params, leaf, seed, std=0.02):
 
 
 # ----------------------------------------------------------------------------- peft side
-def peft_lora(base, lite_params: list, r: int, alpha: float):
-    """peft LoRA model with K adapters a0..a{K-1} whose weights are copied from lite_fn's params."""
+def peft_lora(base, lite_params: list, r: int, alpha: float, targets=C.LLAMA_TARGETS):
+    """peft LoRA model with K adapters a0..a{K-1} on ``targets`` whose weights are copied from lite_fn's params."""
     from peft import LoraConfig, get_peft_model
 
     def cfg():
-        return LoraConfig(r=r, lora_alpha=alpha, target_modules=C.LLAMA_TARGETS, lora_dropout=0.0)
+        return LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
 
     pm = get_peft_model(copy.deepcopy(base), cfg(), adapter_name="a0")
     for k in range(1, len(lite_params)):
@@ -72,7 +77,7 @@ def peft_lora(base, lite_params: list, r: int, alpha: float):
     return pm
 
 
-def peft_contenders(pm, x_all, K, B, loop=True):
+def peft_contenders(pm, x_all, K, B, loop=True, read=logits):
     names = [f"a{k}" for k in range(K) for _ in range(B)]
     xs = x_all.view(K, B, -1)
 
@@ -80,10 +85,10 @@ def peft_contenders(pm, x_all, K, B, loop=True):
         outs = []
         for k in range(K):
             pm.set_adapter(f"a{k}")
-            outs.append(pm(xs[k]).logits)
+            outs.append(read(pm(xs[k])))
         return torch.cat(outs)
 
-    out = {"peft mixed": lambda: pm(x_all, adapter_names=names).logits}
+    out = {"peft mixed": lambda: read(pm(x_all, adapter_names=names))}
     if loop:
         out["peft loop"] = run_loop
     return out

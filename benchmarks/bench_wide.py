@@ -24,7 +24,6 @@ import os
 import sys
 import time
 import warnings
-from typing import Any
 
 if "--warm-cache" not in sys.argv:  # measure a cold compile: no on-disk inductor/FX caches from earlier runs
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
@@ -53,38 +52,8 @@ def lora_set(model, K: int, r: int, targets: str) -> list:
     return [M.randomize(lf.init(k, model, lf.LoRAConfig(r=r, alpha=2 * r), targets=targets), "B", seed=k) for k in range(K)]
 
 
-def peft_lora_bert(base, lite_params: list, r: int):
-    """M.peft_lora for MiniLM: peft LoRA adapters a0..a{K-1} on BERT_TARGETS, weights copied from lite_fn's."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    def cfg():
-        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=BERT_TARGETS, lora_dropout=0.0)
-
-    pm = get_peft_model(copy.deepcopy(base), cfg(), adapter_name="a0")
-    for k in range(1, len(lite_params)):
-        pm.add_adapter(f"a{k}", cfg())
-    inner: Any = pm.base_model.model
-    modules: dict[str, Any] = dict(inner.named_modules())
-    with torch.no_grad():
-        for k, p in enumerate(lite_params):
-            for path, by_variant in p.items():
-                modules[path].lora_A[f"a{k}"].weight.copy_(by_variant["lora"]["A"])
-                modules[path].lora_B[f"a{k}"].weight.copy_(by_variant["lora"]["B"])
-    pm.eval()
-    return pm
-
-
-def bert_contenders(model, stacked, pm, x_all, idx, K, B, T):
-    """M.lite_contenders + M.peft_contenders for an encoder: the output is last_hidden_state."""
-    xs = x_all.view(K, B, T)
-    names = [f"a{k}" for k in range(K) for _ in range(B)]
-    return {
-        "lite vmap": lambda: vmap(lambda p, x: lf.call(model, p, x).last_hidden_state)(stacked, xs),
-        "lite route": lambda: lf.call(model, stacked, x_all, route=idx).last_hidden_state,
-        "peft mixed": lambda: pm(x_all, adapter_names=names).last_hidden_state,
-    }
+def hidden(out):
+    return out.last_hidden_state
 
 
 def short(e: BaseException, n: int = 160) -> str:
@@ -114,19 +83,13 @@ def many_adapters(bench: Bench, tab: C.Table, checks: list, name: str, model, li
     vocab = model.config.vocab_size
     x_all, idx = M.make_inputs(K, B, T, vocab)
     stacked, one = lf.stack(lite_all[:K]), lite_all[0]
-    if bert:
-        fns = {
-            "limit": lambda: model(x_all).last_hidden_state,
-            "1 adapter": lambda: lf.call(model, one, x_all).last_hidden_state,
-            **bert_contenders(model, stacked, pm, x_all, idx, K, B, T),
-        }
-    else:
-        fns = {
-            "limit": lambda: model(x_all).logits,
-            "1 adapter": lambda: lf.call(model, one, x_all).logits,
-            **M.lite_contenders(model, stacked, x_all, idx, K, B, T),
-            **M.peft_contenders(pm, x_all, K, B, loop=False),
-        }
+    read = hidden if bert else M.logits  # the compared output: an encoder's last_hidden_state, else logits
+    fns = {
+        "limit": lambda: read(model(x_all)),
+        "1 adapter": lambda: read(lf.call(model, one, x_all)),
+        **M.lite_contenders(model, stacked, x_all, idx, K, B, T, read=read),
+        **M.peft_contenders(pm, x_all, K, B, loop=False, read=read),
+    }
     with torch.no_grad():  # correctness once per config: the routed call against peft's mixed batch
         route, peft_out, plain = fns["lite route"](), fns["peft mixed"](), fns["limit"]()
         diff = float((route - peft_out).abs().max())
@@ -382,7 +345,7 @@ def main():
         print("\n# part 4: steering", flush=True)
         for name, B, T in (("wide", 1, 16 if q else 64), ("small", 2, 16 if q else 64)):
             model, _, r, _, _ = models[name]
-            ratio = steering_row(bench, steer_tab, steer_checks, name, model, C.LLAMA_TARGETS_RE, r, B, T, lambda o: o.logits)
+            ratio = steering_row(bench, steer_tab, steer_checks, name, model, C.LLAMA_TARGETS_RE, r, B, T, M.logits)
             bench.goal(
                 f"3: {name}, {N_ALPHA}-alpha vmapped sweep / base at {N_ALPHA}x batch",
                 C.ratio(ratio),
@@ -406,7 +369,7 @@ def main():
         print(f"\n[minilm] {minilm_desc}", flush=True)
         lite_all = lora_set(enc, K, r, BERT_TARGETS)
         try:
-            pm = peft_lora_bert(enc, lite_all, r)
+            pm = M.peft_lora(enc, lite_all, r, 2 * r, targets=BERT_TARGETS)
         except Exception as e:
             raise SystemExit(f"peft LoRA on MiniLM failed: {short(e)}") from e
         m = many_adapters(bench, many_tab, checks, "MiniLM-L6", enc, lite_all, pm, K, B, T, bert=True)
@@ -421,9 +384,7 @@ def main():
         speed = m["peft mixed"] / m[best_n]
         bench.goal(f"6: MiniLM-L6 K={K}, peft mixed / lite best", C.ratio(speed), "— (recorded; no numeric target)")
         if "steering" not in args.skip:
-            ratio = steering_row(
-                bench, steer_tab, steer_checks, "MiniLM-L6", enc, BERT_TARGETS, r, 2, T, lambda o: o.last_hidden_state
-            )
+            ratio = steering_row(bench, steer_tab, steer_checks, "MiniLM-L6", enc, BERT_TARGETS, r, 2, T, hidden)
             bench.goal(
                 f"6: MiniLM-L6, {N_ALPHA}-alpha vmapped sweep / base at {N_ALPHA}x batch",
                 C.ratio(ratio),
