@@ -123,6 +123,38 @@ def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int =
     return K
 
 
+_CHECKED: dict[tuple, tuple[Any, int | None]] = {}  # leaf metadata that passed check_leaves -> (variant, K)
+_CHECKED_MAX = 4096
+
+
+def check_leaves_once(where: str, variant, leaves, W: torch.Tensor, batch_dims: int = 0) -> int | None:
+    """``check_leaves``, remembered by the metadata it reads (variant, W's and every leaf's type,
+    shape, dtype and device): a call with the same layout as one that passed skips the walk. Only
+    passes are remembered, so every bad layout still raises its own error."""
+    if not isinstance(leaves, dict) or torch.compiler.is_compiling():
+        return check_leaves(where, variant, leaves, W, batch_dims)
+    try:
+        key = (
+            id(variant),  # variants need not be hashable; the entry keeps the variant alive and is checked by identity
+            batch_dims,
+            type(W),
+            W.shape,
+            W.dtype,
+            W.device,
+            tuple((k, type(v), v.shape, v.dtype, v.device) for k, v in leaves.items()),
+        )
+    except AttributeError:  # a leaf that is not a tensor: check_leaves names it
+        return check_leaves(where, variant, leaves, W, batch_dims)
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0] is variant:
+        return hit[1]
+    K = check_leaves(where, variant, leaves, W, batch_dims)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = (variant, K)
+    return K
+
+
 def like(W: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """``dict(dtype=..., device=...)`` of W (or ``dtype``), for ``torch.zeros(shape, **like(W))``."""
     return {"dtype": W.dtype if dtype is None else dtype, "device": W.device}

@@ -51,11 +51,13 @@ class Layer(NamedTuple):
 
 
 class _Mode(TorchFunctionMode):
-    def __init__(self, layers: list[Layer], swap: dict[int, Tensor], freeze: bool):
+    def __init__(self, layers: list[Layer], swap: dict[int, Tensor], freeze: bool, detach_only: bool = False):
         super().__init__()
         self.layers = layers
         self.swap = swap  # id(model tensor) -> the tensor to use instead
         self.freeze = freeze
+        # swap only detaches (no base= values): an op run without gradient gets the same result either way
+        self.detach_only = detach_only
         self.by_op: dict = {}
         self.by_module: dict[int, Layer] = {}
         for layer in layers:
@@ -126,15 +128,21 @@ class _Mode(TorchFunctionMode):
                 self.hit.add(layer.path)
                 x, b = unpacked
                 weight: Tensor = layer.module.weight  # type: ignore[assignment]
-                own = (weight, b)
-                sub_args = tuple(self._value(a) if any(a is o for o in own if o is not None) else a for a in args)
-                sub_kwargs = {k: self._value(v) if any(v is o for o in own if o is not None) else v for k, v in kwargs.items()}
                 W = layer.kind.dense(self._value(weight))
-                return layer.handler(x, W, None if b is None else self._value(b), lambda: func(*sub_args, **sub_kwargs))
-        if swap:
+                return layer.handler(
+                    x, W, None if b is None else self._value(b), lambda: self._own_product(func, args, kwargs, weight, b)
+                )
+        if swap and not (self.detach_only and not torch.is_grad_enabled()):
             args = tuple(swap.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
             if kwargs:
                 kwargs = {k: swap.get(id(v), v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _own_product(self, func, args: tuple, kwargs: dict, weight: Tensor, b: Tensor | None) -> Tensor:
+        """The layer's own operation with its weight and bias substituted (a variant's ``base`` thunk)."""
+        own = (weight, b)
+        args = tuple(self._value(a) if any(a is o for o in own if o is not None) else a for a in args)
+        kwargs = {k: self._value(v) if any(v is o for o in own if o is not None) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
     def missed(self) -> list[str]:
@@ -173,9 +181,11 @@ def _install_module_hook() -> None:
             _hook_handle = nn.modules.module.register_module_forward_hook(_module_hook)  # pyright: ignore[reportArgumentType]  (a forward hook may return a new output; torch annotates None)
 
 
-def mode(layers: list[Layer], swap: dict[int, Tensor], freeze: bool) -> _Mode:
-    """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward."""
-    return _Mode(layers, swap, freeze)
+def mode(layers: list[Layer], swap: dict[int, Tensor], freeze: bool, detach_only: bool = False) -> _Mode:
+    """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward.
+    ``detach_only``: ``swap`` holds only detached copies of the model's own tensors (no ``base=``
+    values), so ops run without gradient skip the substitution."""
+    return _Mode(layers, swap, freeze, detach_only)
 
 
 def missed_error(paths: list[str], what: str) -> RuntimeError:

@@ -66,7 +66,7 @@ def collect(
     with torch.no_grad():
         for batch in data:
             last.clear()
-            with _inject.mode(layers, swap, True) as m:
+            with _inject.mode(layers, swap, True, detach_only=base is None) as m:
                 _run(model, batch)
             missed = m.missed()
             if missed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -67,30 +68,58 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     ``y`` must be a fresh output that the caller owns (e.g. just returned by ``F.linear``). In plain
     eager code the product is accumulated into ``y`` in place (one GEMM with β = 1, or one
     ``baddbmm_`` for a stack): no temporary of y's size to allocate, fill and add — on CPU that
-    temporary (fresh pages) costs more than the rank-r GEMM itself. Exact either way (autograd never
-    needs a linear layer's output). Out of place under a functorch transform (``aten::addmm_`` has
-    no vmap batching rule, an unbatched ``y`` cannot take a batched product, and a custom batching
-    rule costs more per call than it saves at small widths) and under ``torch.compile`` (inductor
-    fuses the add itself).
+    temporary (fresh pages) costs more than the rank-r GEMM itself. Under one ``vmap`` level (K
+    adapters, an alpha sweep) the same holds for the whole batch when ``y`` is batched there: one
+    ``baddbmm_`` on the batched values (see ``_vmapped_values``). Exact either way (autograd never
+    needs a linear layer's output). Out of place under ``torch.compile`` (inductor fuses the add
+    itself), under ``grad``/nested transforms and when ``y`` is not batched but the product is.
     """
     stacked = M.ndim == 3
     rows = (y.shape[0], -1) if stacked else (-1,)
-    if (
-        eager_values(y, h, M)
-        and y.dtype == h.dtype == M.dtype
-        and y.shape[:-1] == h.shape[:-1]
-        and y.ndim >= 1
-        and y.is_contiguous()
-    ):
+    fits = y.dtype == h.dtype == M.dtype and y.shape[:-1] == h.shape[:-1] and y.ndim >= 1
+    if fits and y.is_contiguous() and eager_values(y, h, M):
         y3, h3 = y.view(*rows, y.shape[-1]), h.reshape(*rows, h.shape[-1])
         if stacked:
             y3.baddbmm_(h3, M.mT)
         else:
             y3.addmm_(h3, M.mT)
         return y
+    batched = _vmapped_values(y, h, M) if fits and not stacked else None
+    if batched is not None:
+        yv, hv, Mv = batched
+        K = yv.shape[0]
+        yv.view(K, -1, y.shape[-1]).baddbmm_(hv.reshape(K, -1, h.shape[-1]), Mv.mT)
+        return y
     if stacked:
         return y + torch.bmm(h.reshape(*rows, h.shape[-1]), M.mT).view(y.shape)
     return y + torch.nn.functional.linear(h, M)
+
+
+def _vmapped_values(y: Tensor, h: Tensor, M: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The plain values behind (y, h, M) inside one ``vmap`` level, each with the vmapped dimension
+    first (an unbatched h or M expanded along it), when ``y`` is batched at that level and its values
+    are contiguous — so an in-place product on them is the in-place product for every batch entry
+    at once. None otherwise (not under vmap, a ``grad`` transform, nested levels, ``torch.compile``)."""
+    F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
+    if not F.is_batchedtensor(y) or torch.compiler.is_compiling():
+        return None
+    level = F.maybe_get_level(y)
+    out: list[Tensor | None] = []
+    for t in (y, h, M):
+        if F.is_batchedtensor(t):
+            v, d = F.get_unwrapped(t), F.maybe_get_bdim(t)
+            if F.maybe_get_level(t) != level or F.is_functorch_wrapped_tensor(v):
+                return None
+            out.append(v if d == 0 else v.movedim(d, 0))
+        elif F.is_functorch_wrapped_tensor(t):
+            return None
+        else:
+            out.append(None)
+    yv, hv, Mv = out
+    if yv is None or not yv.is_contiguous():
+        return None
+    K = yv.shape[0]
+    return yv, h.expand(K, *h.shape) if hv is None else hv, M.expand(K, *M.shape) if Mv is None else Mv
 
 
 def eager_values(*tensors: Tensor) -> bool:
@@ -104,13 +133,24 @@ def eager_values(*tensors: Tensor) -> bool:
 def skew_from_triu(p: Tensor, bs: int) -> Tensor:
     """Strict upper-triangle params (..., bs(bs-1)/2) -> A = ½(P − Pᵀ), (..., bs, bs).
 
-    Built with a constant one-hot map instead of an in-place scatter, so it vmaps.
+    One product with a constant map (``_skew_map``) instead of an in-place scatter, so it vmaps.
     """
-    rows, cols = torch.triu_indices(bs, bs, offset=1)
-    onehot = torch.zeros(bs * bs, rows.numel(), dtype=p.dtype, device=p.device)
-    onehot[rows * bs + cols, torch.arange(rows.numel())] = 1.0
-    P = rearrange(p @ onehot.T, "... (i j) -> ... i j", i=bs)
-    return 0.5 * (P - P.transpose(-1, -2))
+    build = _skew_map.__wrapped__ if torch.compiler.is_compiling() else _skew_map  # compile: traced, no cache
+    return rearrange(p @ build(bs, p.dtype, p.device), "... (i j) -> ... i j", i=bs)
+
+
+@functools.lru_cache(maxsize=64)
+def _skew_map(bs: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The constant (bs(bs−1)/2, bs·bs) map from upper-triangle params to ½(P − Pᵀ), flattened:
+    +½ at (i, j) and −½ at (j, i) for each i < j. Built once per (bs, dtype, device), outside any
+    inference mode (an inference tensor could not be saved for a later backward)."""
+    with torch.inference_mode(False), torch.no_grad():
+        rows, cols = torch.triu_indices(bs, bs, offset=1)
+        m = torch.zeros(rows.numel(), bs * bs, dtype=dtype, device=device)
+        k = torch.arange(rows.numel())
+        m[k, rows * bs + cols] = 0.5
+        m[k, cols * bs + rows] = -0.5
+    return m
 
 
 def cayley(X: Tensor) -> Tensor:

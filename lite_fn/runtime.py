@@ -175,6 +175,17 @@ class _Entry(NamedTuple):
     leaves: dict[str, Tensor]
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` through the registered children's dicts (the common case, a few
+    dict lookups); anything else, and every error, goes through ``get_submodule`` itself."""
+    m = model
+    for part in path.split("."):
+        m = m._modules.get(part) if isinstance(m, nn.Module) else None
+        if m is None:
+            return model.get_submodule(path)
+    return m
+
+
 def _entries(
     model: nn.Module, params: Params, swap: dict[int, Tensor], aliases: dict[int, list[str]], batch_dims: int = 0
 ) -> tuple[list[_Entry], int | None]:
@@ -186,7 +197,7 @@ def _entries(
     entries, Ks = [], {}
     for path, by_variant in params.items():
         try:
-            module = model.get_submodule(path)  # per path: no walk over the whole model each call
+            module = _submodule(model, path)  # per path: no walk over the whole model each call
         except AttributeError:
             near = difflib.get_close_matches(path, [p for p, _ in model.named_modules()], n=3)
             raise KeyError(
@@ -209,7 +220,7 @@ def _entries(
                 f"told apart from it; untie them (give {path!r} its own weight) before adapting"
             )
         variant = variants.get(name)
-        Ks[path] = _checks.check_leaves(
+        Ks[path] = _checks.check_leaves_once(
             f"params[{path!r}][{name!r}]", variant, leaves, _layers.weight_view(module, kind, swap), batch_dims
         )
         entries.append(_Entry(path, module, kind, variant, leaves))
@@ -397,7 +408,7 @@ def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True
         entries = _prepared(entries)
     segments = None if route is None or K is None else _segments(route, K)
     layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments)) for e in entries]
-    return _inject.mode(layers, swap, freeze_base)
+    return _inject.mode(layers, swap, freeze_base, detach_only=base is None)
 
 
 _VMAP_HINT = (

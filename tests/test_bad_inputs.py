@@ -288,3 +288,22 @@ def test_unsupported_linear_subclass():
 
     with pytest.raises(TypeError, match=r"Custom, an nn.Linear subclass with its own forward"):
         lf.init(0, nn.Sequential(Custom(4, 4)), lf.LoRAConfig(r=2))
+
+
+def test_a_layout_that_passed_does_not_let_a_bad_one_through():
+    """lf.call remembers layouts whose leaves passed the checks; a bad layout afterwards still raises."""
+    x = tokens(1, 4)
+    good = lora()
+    lf.call(M, good, x)
+    lf.call(M, good, x)  # the remembered pass
+    A = good[Q]["lora"]["A"]
+    bad = [
+        (with_leaf("A", A[:, :-1]), ValueError, r"\['A'\] has shape"),
+        (with_leaf("A", A.double()), TypeError, r"dtype torch.float64"),
+        (with_leaf("A", A.detach().numpy()), TypeError, r"every leaf must be a torch.Tensor"),
+        (without_leaf("B"), ValueError, r"missing leaf 'B'"),
+    ]
+    for params, exc, pattern in bad:
+        with pytest.raises(exc, match=pattern):
+            lf.call(M, params, x)
+    lf.call(M, good, x)

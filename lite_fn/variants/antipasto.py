@@ -267,23 +267,33 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     _checks.check_input(x, W, "antipasto.apply")
     h = torch.nn.functional.linear(x, params["V"].mT.contiguous())  # (..., r)  x V, the only projection of x
     # e = h M (see the module docstring) and e Uᵀ = h (U Mᵀ)ᵀ: per token, two rank-r GEMMs as for LoRA
-    U_eff = params["U_eff"] if "U_eff" in params else params["U"] @ _mixing(params, h.dtype).mT
+    U_eff = params["U_eff"] if "U_eff" in params else (_mixing(params, h.dtype) @ params["U"].mT).mT
     return linalg.add_product(torch.nn.functional.linear(x, W, b), h, U_eff)
 
 
 def prepare(layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
     """Per call, before the forward: every layer's U Mᵀ (leaf ``U_eff``, which ``apply`` uses when
-    present), computed for all layers of equal shapes at once — one batched Cayley solve for a whole
-    stack of layers instead of one per layer. Same math as ``apply`` alone."""
-    groups: dict[tuple, list[str]] = {}
+    present). M depends only on the r-sized leaves, so it is built for all layers of equal rank and
+    block size at once — one batched Cayley solve for the whole model instead of one per layer —
+    and M Uᵀ is one batched GEMM per U shape. Same math as ``apply`` alone."""
+    groups: dict[tuple, dict[tuple, list[str]]] = {}  # r-sized leaves' signature -> U's signature -> paths
     for path, leaves in layers.items():
-        shapes = tuple((k, tuple(leaves[k].shape), leaves[k].dtype, leaves[k].device) for k in sorted(leaves))
-        groups.setdefault(shapes, []).append(path)
-    out = {}
-    for paths in groups.values():
-        stacked = {k: torch.stack([layers[p][k] for p in paths]) for k in layers[paths[0]]}  # leaves (L, ...)
-        U_eff = torch.bmm(stacked["U"], _mixing(stacked, stacked["U"].dtype).mT)  # (L, d_out, r)
-        out.update({p: {**layers[p], "U_eff": U_eff[i]} for i, p in enumerate(paths)})
+        small = tuple(
+            (k, tuple(leaves[k].shape), leaves[k].dtype, leaves[k].device) for k in sorted(leaves) if k not in ("U", "V")
+        )
+        U = leaves["U"]
+        groups.setdefault(small + (U.dtype, U.device), {}).setdefault(tuple(U.shape), []).append(path)
+    out: dict[str, dict[str, Tensor]] = {}
+    for by_u in groups.values():
+        paths = [p for same_u in by_u.values() for p in same_u]  # each U shape a contiguous run
+        small = {k: torch.stack([layers[p][k] for p in paths]) for k in layers[paths[0]] if k not in ("U", "V")}
+        M = _mixing(small, layers[paths[0]]["U"].dtype)  # (L, r, r)
+        start = 0
+        for same_u in by_u.values():
+            Ut = torch.stack([layers[p]["U"].mT for p in same_u])  # (L', r, d_out): M Uᵀ has the fast GEMM shape
+            U_eff = torch.matmul(M[start : start + len(same_u)], Ut).mT  # U Mᵀ, (L', d_out, r)
+            out.update({p: {**layers[p], "U_eff": u} for p, u in zip(same_u, U_eff.unbind(0))})
+            start += len(same_u)
     return out
 
 
