@@ -71,25 +71,35 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     temporary (fresh pages) costs more than the rank-r GEMM itself. Under one ``vmap`` level (K
     adapters, an alpha sweep) the same holds for the whole batch when ``y`` is batched there: one
     ``baddbmm_`` on the batched values (see ``_vmapped_values``). Exact either way (autograd never
-    needs a linear layer's output). Out of place under ``torch.compile`` (inductor fuses the add
-    itself), under ``grad``/nested transforms and when ``y`` is not batched but the product is.
+    needs a linear layer's output). In place only on ``y`` itself when autograd records: writing
+    through a reshaping view of it would make backward copy the whole output, so an N-d ``y`` then
+    gets one fused out-of-place product (the runtime hands variants row matrices, see
+    ``runtime._rows``). Out of place under ``torch.compile`` (inductor fuses the add itself), under
+    ``grad``/nested transforms and when ``y`` is not batched but the product is.
     """
     stacked = M.ndim == 3
     rows = (y.shape[0], -1) if stacked else (-1,)
     fits = y.dtype == h.dtype == M.dtype and y.shape[:-1] == h.shape[:-1] and y.ndim >= 1
+    recording = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or M.requires_grad)
     if fits and y.is_contiguous() and eager_values(y, h, M):
+        if y.ndim == len(rows) + 1:  # already a matrix (a stack of them): accumulate into it, no view
+            (y.baddbmm_ if stacked else y.addmm_)(h, M.mT)
+            return y
         y3, h3 = y.view(*rows, y.shape[-1]), h.reshape(*rows, h.shape[-1])
-        if stacked:
-            y3.baddbmm_(h3, M.mT)
-        else:
-            y3.addmm_(h3, M.mT)
+        if recording:  # in place on a view would make autograd copy the whole output in backward
+            return (torch.baddbmm if stacked else torch.addmm)(y3, h3, M.mT).view(y.shape)
+        (y3.baddbmm_ if stacked else y3.addmm_)(h3, M.mT)
         return y
     batched = _vmapped_values(y, h, M) if fits and not stacked else None
     if batched is not None:
         yv, hv, Mv = batched
         K = yv.shape[0]
-        yv.view(K, -1, y.shape[-1]).baddbmm_(hv.reshape(K, -1, h.shape[-1]), Mv.mT)
-        return y
+        if yv.ndim == 3:
+            yv.baddbmm_(hv, Mv.mT)
+            return y
+        if not recording:
+            yv.view(K, -1, y.shape[-1]).baddbmm_(hv.reshape(K, -1, h.shape[-1]), Mv.mT)
+            return y
     if stacked:
         return y + torch.bmm(h.reshape(*rows, h.shape[-1]), M.mT).view(y.shape)
     return y + torch.nn.functional.linear(h, M)

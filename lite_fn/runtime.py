@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -352,8 +352,26 @@ def _applying(entry: _Entry, route: Tensor | None, key, segments: _Segments | No
         return _routed(entry.path, entry.variant, entry.leaves, route, seed, segments)
     variant, leaves = entry.variant, entry.leaves
     if seed is None:
-        return lambda x, W, b, base: variant.apply(leaves, W, x, b)
-    return lambda x, W, b, base: variant.apply(leaves, W, x, b, _noise(seed, x))
+        return _rows(lambda x, W, b: variant.apply(leaves, W, x, b), entry.kind)
+    return _rows(lambda x, W, b: variant.apply(leaves, W, x, b, _noise(seed, x)), entry.kind)
+
+
+def _rows(apply: Callable[[Tensor, Tensor, Tensor | None], Tensor], kind: _layers.LayerKind) -> _inject.Handler:
+    """A handler that gives ``apply`` a contiguous N-d input as its (rows, d_in) matrix and views the
+    result back: the same values (a linear layer acts row by row; dropout noise is a function of the
+    flat position), but the fresh layer output inside ``apply`` is then a plain matrix, which an
+    adapter can accumulate into in place without autograd tracking a view. Module kinds (whose
+    output the module computed for its own input shape) get x as it is."""
+    if kind.op is None:
+        return lambda x, W, b, base: apply(x, W, b)
+
+    def handler(x: Tensor, W: Tensor, b: Tensor | None, base) -> Tensor:
+        if x.ndim > 2 and x.is_contiguous():
+            y = apply(x.view(-1, x.shape[-1]), W, b)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return apply(x, W, b)
+
+    return handler
 
 
 def _prepared(entries: list[_Entry]) -> list[_Entry]:

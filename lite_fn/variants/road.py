@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from .. import _checks, _keys
@@ -148,14 +147,14 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
         c2 = alpha[:, 1] * torch.sin(theta[:, 1])
     else:  # road_1 (g, 1, h) broadcasts over the halves s; road_2 is (g, s, h)
         c1, c2 = alpha * torch.cos(theta), alpha * torch.sin(theta)
-    y = torch.nn.functional.linear(x, W, b)  # (..., o), bias included
-    y = rearrange(y, "... (g s h) -> ... g s h", g=theta.shape[0], s=2)
-    if torch.compiler.is_compiling():  # inductor fuses the plain formula (and rejects the in-place one under grad)
-        rot_half = torch.stack((-y[..., 1, :], y[..., 0, :]), dim=-2)  # (−y_second, y_first)
-        return rearrange(y * c1 + rot_half * c2, "... g s h -> ... (g s h)")
-    # y ⊙ c₁ + rot_half(y) ⊙ c₂ with rot_half(y) = (−y_second, y_first), the second term accumulated
-    # into the fresh product half by half (no rot_half copy, no further output-sized temporaries)
-    out = y * c1
-    out[..., 0, :].addcmul_(y[..., 1, :], c2.select(-2, 0), value=-1.0)
-    out[..., 1, :].addcmul_(y[..., 0, :], c2.select(-2, -1))
-    return rearrange(out, "... g s h -> ... (g s h)")
+    # per group, the two halves y₀ = y_first, y₁ = y_second of the output:
+    #   y'₀ = y₀ ⊙ c₁[0] − y₁ ⊙ c₂[0],   y'₁ = y₁ ⊙ c₁[1] + y₀ ⊙ c₂[1]
+    # computed on views of y (autograd keeps only y for the gradients, no rot_half copy) and
+    # stacked once into the output
+    G, h = theta.shape[0], theta.shape[-1]
+    c1, c2 = c1.expand(G, 2, h), c2.expand(G, 2, h)
+    y = torch.nn.functional.linear(x, W, b).unflatten(-1, (G, 2, h))  # (..., g, s, h), bias included
+    y0, y1 = y[..., 0, :], y[..., 1, :]
+    first = torch.addcmul(y0 * c1[:, 0], y1, c2[:, 0], value=-1.0)
+    second = torch.addcmul(y1 * c1[:, 1], y0, c2[:, 1])
+    return torch.stack((first, second), dim=-2).flatten(-3)
