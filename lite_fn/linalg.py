@@ -105,17 +105,50 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     return y + torch.nn.functional.linear(h, M)
 
 
-def _vmapped_values(y: Tensor, h: Tensor, M: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The plain values behind (y, h, M) inside one ``vmap`` level, each with the vmapped dimension
-    first (an unbatched h or M expanded along it), when ``y`` is batched at that level and its values
-    are contiguous — so an in-place product on them is the in-place product for every batch entry
-    at once. None otherwise (not under vmap, a ``grad`` transform, nested levels, ``torch.compile``)."""
+def linear_add(x: Tensor, W: Tensor, b: Tensor | None, h: Tensor, M: Tensor) -> Tensor:
+    """x Wᵀ + b + h Mᵀ: a layer's own product plus an adapter's low-rank product (h (..., r), M (d_out, r)).
+
+    Under one ``vmap`` level with x batched there (K adapters, an alpha sweep past the first adapted
+    layer) and W, b shared, the layer's product runs on the batched values as one ``addmm`` over all
+    K·rows — the bias inside the GEMM as in plain eager, so every entry is bitwise the unvmapped
+    layer, where torch's batching rule for ``linear`` adds the bias in a separate pass — and h Mᵀ is
+    accumulated into it by one ``baddbmm_`` (out of place while autograd records). Everywhere else
+    ``add_product(F.linear(x, W, b), h, M)``.
+    """
     F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
-    if not F.is_batchedtensor(y) or torch.compiler.is_compiling():
-        return None
-    level = F.maybe_get_level(y)
+    if (
+        not torch.compiler.is_compiling()
+        and F.is_batchedtensor(x)
+        and type(W) in (Tensor, torch.nn.Parameter)  # a plain weight (not e.g. a quantized layer's stand-in)
+        and M.ndim == 2
+        and x.dtype == W.dtype == h.dtype == M.dtype
+        and x.shape[:-1] == h.shape[:-1]
+        and not F.is_functorch_wrapped_tensor(W)
+        and (b is None or not F.is_functorch_wrapped_tensor(b))
+    ):
+        level = F.maybe_get_level(x)
+        values = _level_values(level, x, h, M)
+        if values is not None:
+            xv, hv, Mv = values
+            K, d_out = xv.shape[0], W.shape[0]
+            rows = xv.reshape(-1, xv.shape[-1])
+            y = (torch.mm(rows, W.mT) if b is None else torch.addmm(b, rows, W.mT)).view(K, -1, d_out)
+            hv = hv.reshape(K, -1, hv.shape[-1])
+            if torch.is_grad_enabled() and (y.requires_grad or hv.requires_grad or Mv.requires_grad):
+                y = torch.baddbmm(y, hv, Mv.mT)  # no in-place write through a view under autograd
+            else:
+                y.baddbmm_(hv, Mv.mT)
+            return F._add_batch_dim(y.view(K, *x.shape[:-1], d_out), 0, level)
+    return add_product(torch.nn.functional.linear(x, W, b), h, M)
+
+
+def _level_values(level: int, *tensors: Tensor) -> list[Tensor] | None:
+    """The plain values behind tensors at one ``vmap`` level, each with the vmapped dimension first
+    (one not batched there expanded along it; the first must be batched), or None when any is
+    wrapped otherwise (another level, a ``grad`` transform)."""
+    F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
     out: list[Tensor | None] = []
-    for t in (y, h, M):
+    for t in tensors:
         if F.is_batchedtensor(t):
             v, d = F.get_unwrapped(t), F.maybe_get_bdim(t)
             if F.maybe_get_level(t) != level or F.is_functorch_wrapped_tensor(v):
@@ -125,11 +158,25 @@ def _vmapped_values(y: Tensor, h: Tensor, M: Tensor) -> tuple[Tensor, Tensor, Te
             return None
         else:
             out.append(None)
-    yv, hv, Mv = out
-    if yv is None or not yv.is_contiguous():
+    first = out[0]
+    if first is None:
         return None
-    K = yv.shape[0]
-    return yv, h.expand(K, *h.shape) if hv is None else hv, M.expand(K, *M.shape) if Mv is None else Mv
+    K = first.shape[0]
+    return [t.expand(K, *t.shape) if v is None else v for t, v in zip(tensors, out)]
+
+
+def _vmapped_values(y: Tensor, h: Tensor, M: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The plain values behind (y, h, M) inside one ``vmap`` level, each with the vmapped dimension
+    first (an unbatched h or M expanded along it), when ``y`` is batched at that level and its values
+    are contiguous — so an in-place product on them is the in-place product for every batch entry
+    at once. None otherwise (not under vmap, a ``grad`` transform, nested levels, ``torch.compile``)."""
+    F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
+    if torch.compiler.is_compiling() or not F.is_batchedtensor(y):
+        return None
+    values = _level_values(F.maybe_get_level(y), y, h, M)
+    if values is None or not values[0].is_contiguous():
+        return None
+    return values[0], values[1], values[2]
 
 
 def eager_values(*tensors: Tensor) -> bool:

@@ -268,7 +268,7 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     h = torch.nn.functional.linear(x, params["V"].mT.contiguous())  # (..., r)  x V, the only projection of x
     # e = h M (see the module docstring) and e Uᵀ = h (U Mᵀ)ᵀ: per token, two rank-r GEMMs as for LoRA
     U_eff = params["U_eff"] if "U_eff" in params else (_mixing(params, h.dtype) @ params["U"].mT).mT
-    return linalg.add_product(torch.nn.functional.linear(x, W, b), h, U_eff)
+    return linalg.linear_add(x, W, b, h, U_eff)
 
 
 def prepare(layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:

@@ -99,4 +99,4 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     B_norm = linalg.col_norm(B).clamp_min(1e-4)  # (r,)  ‖B_{:,i}‖
     # (x ⊙ ‖W‖_col) Aᵀ computed as x (A ⊙ ‖W‖_col)ᵀ: the scaling touches r × d_in numbers, not every token
     h = torch.nn.functional.linear(x, A * params["wnorm"]) * ((lam / A.shape[-2]) / (A_norm * B_norm))
-    return linalg.add_product(torch.nn.functional.linear(x, W, b), h, B)
+    return linalg.linear_add(x, W, b, h, B)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from . import _padding
-from .lora import LoRAConfig, add_delta, delta, dropped, init_factors
+from .lora import LoRAConfig, delta, dropped, init_factors, linear_delta
 from .lora import shapes as lora_shapes
 
 __all__ = [
@@ -103,6 +103,6 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
         # peft with dropout: the base output keeps x, the magnitude correction and the low-rank term see x̃
         xd = dropped(params, x, noise)
         return torch.nn.functional.linear(x, W, b) + (g - 1.0) * torch.nn.functional.linear(xd, W) + g * delta(params, xd)
-    y = add_delta(torch.nn.functional.linear(x, W), params, x)  # x (W + s·BA)ᵀ, (..., d_out)
+    y = linear_delta(x, W, None, params, x)  # x (W + s·BA)ᵀ, (..., d_out)
     y = g * y
     return y if b is None else y + b

@@ -258,4 +258,4 @@ def plan(
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "eva.apply")
-    return lora.add_delta(torch.nn.functional.linear(x, W, b), params, lora.dropped(params, x, noise))
+    return lora.linear_delta(x, W, b, params, lora.dropped(params, x, noise))

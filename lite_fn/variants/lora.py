@@ -123,9 +123,10 @@ def delta(params: dict[str, Tensor], x: Tensor) -> Tensor:
     return torch.nn.functional.linear(projected(params, x), params["B"])
 
 
-def add_delta(y: Tensor, params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """y + s · (x Aᵀ) Bᵀ — the low-rank branch added to a fresh layer output y (the second GEMM accumulates into y)."""
-    return linalg.add_product(y, projected(params, x), params["B"])
+def linear_delta(x: Tensor, W: Tensor, b: Tensor | None, params: dict[str, Tensor], xd: Tensor) -> Tensor:
+    """x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ with x̃ = ``xd``: the layer's product and the low-rank branch, the
+    second GEMM accumulated into the first (``linalg.linear_add``)."""
+    return linalg.linear_add(x, W, b, projected(params, xd), params["B"])
 
 
 def apply_runs(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
@@ -152,4 +153,4 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "lora.apply")
-    return add_delta(torch.nn.functional.linear(x, W, b), params, dropped(params, x, noise))
+    return linear_delta(x, W, b, params, dropped(params, x, noise))

@@ -124,5 +124,5 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     else:
         h = projected(params, xd)  # (..., r)  s · x̃ Aᵀ
         dh = h - projected({"A": A0, "scale": s}, x)  # h − s·x A0ᵀ, zero at init (same inputs there)
-    y = linalg.add_product(torch.nn.functional.linear(x, W, b), h, params["B"] - params["B0"])
+    y = linalg.linear_add(x, W, b, h, params["B"] - params["B0"])
     return linalg.add_product(y, dh, params["B0"])
