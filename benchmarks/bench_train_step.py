@@ -13,6 +13,7 @@ steady-state step above what was live before it (see RESULTS.md header).
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import _common as C
@@ -74,8 +75,9 @@ def limit_step(model, x):
     return step
 
 
-def measure(fns: dict, repeats: int):
-    t = C.interleaved(fns, repeats)  # includes one warm-up call each (AdamW state then exists)
+def measure(fns: dict, repeats: int, wall: bool = False):
+    clock = time.perf_counter if wall else time.process_time
+    t = C.interleaved(fns, repeats, clock=clock)  # includes one warm-up call each (AdamW state then exists)
     mem = {n: C.peak_step_bytes(f) for n, f in fns.items()}
     return {n: t[n].median for n in fns}, mem
 
@@ -109,7 +111,8 @@ def main():
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", default=None, help="subset of variants (names as in the table)")
     p.add_argument("--wide", action="store_true", help="hidden 1024, intermediate 2816, 2 layers (own RESULTS section)")
-    args = C.finish_args(p.parse_args(), default_repeats=7)
+    p.add_argument("--wall", action="store_true", help="time wall-clock (perf_counter) instead of process CPU time")
+    args = C.finish_args(p.parse_args(), default_repeats=11)
     B, T = (2, 16) if args.quick else (4, 64)
     hidden, layers = (128, 2) if args.quick else ((1024, 2) if args.wide else (256, 4))
     inter, heads = (2816, 16) if args.wide and not args.quick else (None, 4)
@@ -154,7 +157,7 @@ def main():
             "lite_fn": C.lite_train_step(lite_model, params, lm_loss),
             "peft": C.peft_train_step(pm, lm_loss),
         }
-        t, mem = measure(fns, args.repeats)
+        t, mem = measure(fns, args.repeats, args.wall)
         g = C.goal(t["lite_fn"] / t["peft"], "<=", 0.8 if name == "DoRA" else 1.0) + " (time)"
         g += ", " + C.goal(mem["lite_fn"] / mem["peft"], "<=", 1.0) + " (memory)"
         add_row(tab, name, t, mem, g)
@@ -181,7 +184,7 @@ def main():
             net(xx).square().mean().backward()
 
         fns = {"limit": limit, "lite_fn": C.lite_train_step(net, params, sq_loss), "peft": C.peft_train_step(pm, sq_loss)}
-        t, mem = measure(fns, args.repeats)
+        t, mem = measure(fns, args.repeats, args.wall)
         speed = t["peft"] / t["lite_fn"]
         name = f"HRA d={d_big} (one Linear, {n_big} rows)"
         add_row(tab, name, t, mem, "peft/lite " + C.goal(speed, ">=", 3.0))
@@ -194,7 +197,8 @@ r={r} (alpha=2r) for the low-rank variants, on every linear layer of the blocks 
 IA3 on k_proj, v_proj (output-side) and down_proj (feed-forward, input-side) as peft's Llama default;
 ROAD road_1 with group size 64 (so the intermediate width is 704 = 11·64). peft configs: LoraConfig,
 LoraConfig(use_dora=True), DeloraConfig, HRAConfig, IA3Config, RoadConfig, LoraConfig(init_lora_weights="pissa").
-Median of {args.repeats} interleaved repeats (limit, lite_fn and peft alternate), after one warm-up step each.
+Median of {args.repeats} interleaved repeats (limit, lite_fn and peft alternate), after one warm-up step each;
+{"wall-clock (`time.perf_counter`)" if args.wall else "process CPU time (`time.process_time`, all threads): on this shared machine it varies ~2% between runs where wall-clock medians swing ~10%"}.
 
 - **limit**: the frozen base model's forward + backward down to the input embeddings, no adapter and no
   optimizer: the least work any adapter train step must do.
@@ -203,8 +207,10 @@ Median of {args.repeats} interleaved repeats (limit, lite_fn and peft alternate)
   `torch.profiler` (`profile_memory=True`), whose allocation events carry the allocator's running total.
   It counts activations saved for backward, gradients and temporaries; RSS is not used because the
   allocator's caching makes RSS deltas depend on what ran before.
-- PiSSA: peft rewrites W into the residual W − s·B₀A₀ in place; lite_fn leaves W untouched and
-  subtracts the frozen initial factors' branch instead (SPEC §2), so it runs two rank-r branches.
+- PiSSA: peft rewrites W into the residual W − s·B₀A₀ in place; lite_fn leaves W untouched (so K
+  PiSSA adapters can share one base) and subtracts the frozen initial factors' branch instead (SPEC
+  §2): each layer also projects x onto A₀ (an extra rank-r product) and keeps B − B₀ (d_out × r)
+  for backward, which peft's rewritten W needs neither of.
 - Goals (issue 11): lite/peft time ≤ 0.8 for DoRA and ≤ 1.0 for every variant, peak memory ≤ peft's;
   HRA at d={d_big}: lite_fn ≥ 3x faster than peft.
 

@@ -433,8 +433,9 @@ runs, one adapter per run, so the routed call uses the stacked leaves themselves
 for LoRA `apply_runs`: one base GEMM over all rows, one batched GEMM for the (K, B·T, r) intermediate,
 and the products with B accumulated into the base output in place by one `baddbmm_`). Other routes
 gather each example's leaves per layer (`leaf[route]`, freed after the layer) and vmap `apply`. The
-vmapped call runs the whole model under vmap, where each adapted layer adds its product out of place
-(one extra output-sized temporary per layer).
+vmapped call runs the whole model under vmap; each adapted layer whose input is batched runs its own
+product as one GEMM over all K·rows of the batched values and accumulates the K low-rank products into
+it in place (`linalg.linear_add`), so it allocates no output-sized temporary either.
 
 {mem_tab.markdown() if mem_tab.rows else "(skipped)"}
 

