@@ -205,9 +205,9 @@ def _skew_map(bs: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     +½ at (i, j) and −½ at (j, i) for each i < j. Built once per (bs, dtype, device), outside any
     inference mode (an inference tensor could not be saved for a later backward)."""
     with torch.inference_mode(False), torch.no_grad():
-        rows, cols = torch.triu_indices(bs, bs, offset=1)
+        rows, cols = torch.triu_indices(bs, bs, offset=1, device=device)
         m = torch.zeros(rows.numel(), bs * bs, dtype=dtype, device=device)
-        k = torch.arange(rows.numel())
+        k = torch.arange(rows.numel(), device=device)
         m[k, rows * bs + cols] = 0.5
         m[k, cols * bs + rows] = -0.5
     return m
