@@ -70,7 +70,7 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     ``baddbmm_`` for a stack): no temporary of y's size to allocate, fill and add — on CPU that
     temporary (fresh pages) costs more than the rank-r GEMM itself. Under one ``vmap`` level (K
     adapters, an alpha sweep) the same holds for the whole batch when ``y`` is batched there: one
-    ``baddbmm_`` on the batched values (see ``_vmapped_values``). Exact either way (autograd never
+    ``baddbmm_`` on the batched values, or one GEMM when M is shared (``_batched_sum``). Exact either way (autograd never
     needs a linear layer's output). In place only on ``y`` itself when autograd records: writing
     through a reshaping view of it would make backward copy the whole output, so an N-d ``y`` then
     gets one fused out-of-place product (the runtime hands variants row matrices, see
@@ -92,14 +92,8 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
         return y
     batched = _vmapped_values(y, h, M) if fits and not stacked else None
     if batched is not None:
-        yv, hv, Mv = batched
-        K = yv.shape[0]
-        if yv.ndim == 3:
-            yv.baddbmm_(hv, Mv.mT)
-            return y
-        if not recording:
-            yv.view(K, -1, y.shape[-1]).baddbmm_(hv.reshape(K, -1, h.shape[-1]), Mv.mT)
-            return y
+        level, yv, hv, Mv = batched
+        return _batched_sum(level, yv.view(yv.shape[0], -1, y.shape[-1]), hv, Mv, M, y.shape)
     if stacked:
         return y + torch.bmm(h.reshape(*rows, h.shape[-1]), M.mT).view(y.shape)
     return y + torch.nn.functional.linear(h, M)
@@ -133,16 +127,26 @@ def linear_add(x: Tensor, W: Tensor, b: Tensor | None, h: Tensor, M: Tensor) -> 
             K, d_out = xv.shape[0], W.shape[0]
             rows = xv.reshape(-1, xv.shape[-1])
             y = (torch.mm(rows, W.mT) if b is None else torch.addmm(b, rows, W.mT)).view(K, -1, d_out)
-            recording = torch.is_grad_enabled() and (y.requires_grad or hv.requires_grad or Mv.requires_grad)
-            if not F.is_batchedtensor(M):  # one M for every entry: one GEMM over all K·rows
-                y, hv = y.view(-1, d_out), hv.reshape(-1, hv.shape[-1])
-                y = torch.addmm(y, hv, M.mT) if recording else y.addmm_(hv, M.mT)
-            else:
-                hv = hv.reshape(K, -1, hv.shape[-1])
-                # no in-place write through a view while autograd records
-                y = torch.baddbmm(y, hv, Mv.mT) if recording else y.baddbmm_(hv, Mv.mT)
-            return F._add_batch_dim(y.view(K, *x.shape[:-1], d_out), 0, level)
+            return _batched_sum(level, y, hv, Mv, M, (*x.shape[:-1], d_out))
     return add_product(torch.nn.functional.linear(x, W, b), h, M)
+
+
+def _batched_sum(level: int, y: Tensor, hv: Tensor, Mv: Tensor, M: Tensor, shape) -> Tensor:
+    """y + h Mᵀ for every entry of one ``vmap`` level, on the batched values: y (K, rows, d_out) a
+    fresh output, hv (K, ..., r) and Mv (K, d_out, r) from ``_level_values``, ``M`` the tensor the
+    caller passed (unbatched: one GEMM over all K·rows instead of K). In place unless autograd
+    records (then no in-place write through a view of y). Returns the sum batched again at
+    ``level``, each entry of ``shape``."""
+    F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
+    K, d_out, r = y.shape[0], y.shape[-1], hv.shape[-1]
+    recording = torch.is_grad_enabled() and (y.requires_grad or hv.requires_grad or Mv.requires_grad)
+    if not F.is_batchedtensor(M):  # one M for every entry
+        flat, hv = y.view(-1, d_out), hv.reshape(-1, r)
+        y = torch.addmm(flat, hv, M.mT) if recording else flat.addmm_(hv, M.mT)
+    else:
+        hv = hv.reshape(K, -1, r)
+        y = torch.baddbmm(y, hv, Mv.mT) if recording else y.baddbmm_(hv, Mv.mT)
+    return F._add_batch_dim(y.view(K, *shape), 0, level)
 
 
 def _level_values(level: int, *tensors: Tensor) -> list[Tensor] | None:
@@ -168,18 +172,19 @@ def _level_values(level: int, *tensors: Tensor) -> list[Tensor] | None:
     return [t.expand(K, *t.shape) if v is None else v for t, v in zip(tensors, out)]
 
 
-def _vmapped_values(y: Tensor, h: Tensor, M: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The plain values behind (y, h, M) inside one ``vmap`` level, each with the vmapped dimension
-    first (an unbatched h or M expanded along it), when ``y`` is batched at that level and its values
-    are contiguous — so an in-place product on them is the in-place product for every batch entry
-    at once. None otherwise (not under vmap, a ``grad`` transform, nested levels, ``torch.compile``)."""
+def _vmapped_values(y: Tensor, h: Tensor, M: Tensor) -> tuple[int, Tensor, Tensor, Tensor] | None:
+    """(level, y, h, M values) inside one ``vmap`` level, each with the vmapped dimension first (an
+    unbatched h or M expanded along it), when ``y`` is batched at that level and its values are
+    contiguous — so a product accumulated into them is the product for every batch entry at once.
+    None otherwise (not under vmap, a ``grad`` transform, nested levels, ``torch.compile``)."""
     F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]
     if torch.compiler.is_compiling() or not F.is_batchedtensor(y):
         return None
-    values = _level_values(F.maybe_get_level(y), y, h, M)
+    level = F.maybe_get_level(y)
+    values = _level_values(level, y, h, M)
     if values is None or not values[0].is_contiguous():
         return None
-    return values[0], values[1], values[2]
+    return level, values[0], values[1], values[2]
 
 
 def eager_values(*tensors: Tensor) -> bool:

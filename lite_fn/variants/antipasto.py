@@ -274,6 +274,9 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     return linalg.linear_add(x, W, b, torch.matmul(h, M), params["U"])
 
 
+_FULL_WIDTH = ("U", "V")  # the leaves M does not depend on; every other leaf is r-sized
+
+
 def prepare(layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
     """Per call, before the forward: every layer's r × r mixing M (leaf ``M``, which ``apply`` uses
     when present). M depends only on the r-sized leaves, so it is built for all layers of equal rank
@@ -281,11 +284,13 @@ def prepare(layers: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]
     Same math as ``apply`` alone."""
     groups: dict[tuple, list[str]] = {}  # r-sized leaves' signature -> paths
     for path, leaves in layers.items():
-        key = tuple((k, tuple(leaves[k].shape), leaves[k].dtype, leaves[k].device) for k in sorted(leaves) if k not in ("U", "V"))
+        key = tuple(
+            (k, tuple(leaves[k].shape), leaves[k].dtype, leaves[k].device) for k in sorted(leaves) if k not in _FULL_WIDTH
+        )
         groups.setdefault(key + (leaves["U"].dtype,), []).append(path)
     out: dict[str, dict[str, Tensor]] = {}
     for paths in groups.values():
-        small = {k: torch.stack([layers[p][k] for p in paths]) for k in layers[paths[0]] if k not in ("U", "V")}
+        small = {k: torch.stack([layers[p][k] for p in paths]) for k in layers[paths[0]] if k not in _FULL_WIDTH}
         M = _mixing(small, layers[paths[0]]["U"].dtype)  # (L, r, r)
         out.update({p: {**layers[p], "M": m} for p, m in zip(paths, M.unbind(0))})
     return out
