@@ -9,6 +9,7 @@ Only re-exports live here; each variant's math is in ``lite_fn/variants/<name>.p
 
 from . import linalg, train, variants
 from ._contract import Stat, Variant, VariantSpec
+from ._inject import checkpoint_context
 from ._keys import fold_in, split
 from .adapted import Adapted
 from .io import check_against, load, load_metadata, save
@@ -49,6 +50,7 @@ __all__ = [
     "applied",
     "call",
     "check_against",
+    "checkpoint_context",
     "combine",
     "fold_in",
     "init",

@@ -22,6 +22,17 @@ calling thread's active modes and, if one targets the module, returns the handle
 ``_layers.QuantizedWeight`` whose product for the module's own input is the output the layer just
 computed. On every other module and thread the hook returns at once.
 
+Threads: a thread started (``threading.Thread.start``) while modes are active on this thread runs
+inside the same modes for its whole run (lite_fn wraps ``Thread.start`` once, the first time a mode
+is entered, to note them); after the call or block that owns a mode has ended, such a thread's use
+of a targeted layer raises instead of silently computing the base model. ``bound`` hands the
+active modes to any callable, for pools made earlier. Threads started before stay plain.
+
+Activation checkpointing: ``checkpoint_context`` (torch.utils.checkpoint's ``context_fn``)
+re-enters the forward's modes for the recompute. A targeted layer computed inside a
+checkpoint without it, or with gradients off inside a training call (reentrant checkpointing's
+forward), raises: its adapters would otherwise get no gradient.
+
 Limits: a layer is recognised only through its kind's operation on its own weight (or its own
 call, for module kinds); a targeted layer that the forward never computes that way is reported
 after the call (``missed``), never skipped silently.
@@ -29,6 +40,10 @@ after the call (``missed``), never skipped silently.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import sys
 import threading
 from collections.abc import Callable
 from typing import NamedTuple
@@ -48,12 +63,34 @@ class Layer(NamedTuple):
     module: nn.Module
     kind: LayerKind
     handler: Handler
+    dtype: torch.dtype | None = None  # the weight's dtype the leaves were checked against (None: not checked)
+
+
+_CHECKPOINT_HINT = (
+    "non-reentrant checkpointing with lf.checkpoint_context, e.g. model.gradient_checkpointing_enable("
+    'gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": lf.checkpoint_context}) or '
+    "torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=lf.checkpoint_context)"
+)
 
 
 class _Mode(TorchFunctionMode):
-    def __init__(self, layers: list[Layer], swap: dict[int, Tensor], freeze: bool, detach_only: bool = False):
+    def __init__(
+        self,
+        layers: list[Layer],
+        swap: dict[int, Tensor],
+        freeze: bool,
+        detach_only: bool = False,
+        owner: str = "lf.call",
+        training: Callable[[], bool] | None = None,
+    ):
         super().__init__()
         self.layers = layers
+        self.owner = owner  # "lf.call" / "lf.applied" / "calibration": named in errors
+        # () -> whether this call trains (grad on at its start, leaves that require grad); computed on demand
+        self.training = training
+        self.grad_at_start = torch.is_grad_enabled()
+        self.closed = False  # set when the owning call or block ends (threads started inside may outlive it)
+        self.thread_name = threading.current_thread().name
         self.swap = swap  # id(model tensor) -> the tensor to use instead
         self.freeze = freeze
         # swap only detaches (no base= values): an op run without gradient gets the same result either way
@@ -71,6 +108,7 @@ class _Mode(TorchFunctionMode):
             _install_module_hook()
 
     def __enter__(self):
+        _note_thread_starts()
         out = super().__enter__()
         _active_modes().append(self)
         return out
@@ -81,8 +119,55 @@ class _Mode(TorchFunctionMode):
             stack.pop()
         return super().__exit__(*exc)
 
+    def _entering(self, layer: Layer) -> None:
+        """Checks at a targeted layer's product: this mode is still live, the weight kept its dtype, and
+        the product is recorded where its adapters get gradients (not a checkpoint without
+        ``checkpoint_context``, not a gradient-free region of a training call)."""
+        if self.closed:
+            raise RuntimeError(
+                f"{layer.path}: this thread ({threading.current_thread().name}) was started inside {self.owner} on "
+                f"{self.thread_name}, which has ended; a forward here would silently be the base model. Keep the "
+                f"block open until the thread is done (iterate the streamer inside the block, join the thread), or "
+                f"hand work to a pool with `with lf.applied(...) as block: pool.submit(block.bind(fn), ...)`"
+            )
+        if layer.dtype is not None:
+            w = layer.module.weight
+            if isinstance(w, Tensor) and w.dtype != layer.dtype and layer.kind.op is not None:
+                raise TypeError(
+                    f"{layer.path}: the layer's weight is now {w.dtype}, but {self.owner} checked its adapter leaves "
+                    f"against {layer.dtype} (the model changed dtype during the call or block); cast the params too "
+                    f"(optree.tree_map(lambda t: t.to({w.dtype}), params)) and enter a new block"
+                )
+        if torch.is_grad_enabled():
+            hooks = _top_saved_tensors_hooks()
+            if hooks is not None and _is_checkpoint_pack(hooks[0]) and torch._C._are_functorch_transforms_active():
+                raise RuntimeError(
+                    f"{layer.path} is computed inside torch.utils.checkpoint under a torch.func transform (vmap, grad): "
+                    f"torch cannot checkpoint there (the recompute runs during backward, outside the transform). "
+                    f"Evaluate K stacked adapters with route= instead (lf.call(model, stacked, x, route=route), one "
+                    f"adapter index per example), which checkpoints exactly, or turn checkpointing off"
+                )
+            if hooks is not None and hooks[0] not in _local.checkpoints and _is_checkpoint_pack(hooks[0]):
+                raise RuntimeError(
+                    f"{layer.path} is computed inside torch.utils.checkpoint without lf.checkpoint_context: the "
+                    f"recompute during backward would run without the adapters (wrong gradients). Use {_CHECKPOINT_HINT}"
+                )
+        elif (
+            self.grad_at_start
+            and self.training is not None
+            and self.training()
+            and (self.owner == "lf.call" or _under_reentrant_checkpoint())
+        ):
+            raise RuntimeError(
+                f"{layer.path} is computed with gradients off inside a training {self.owner} (reentrant "
+                f"activation checkpointing runs the forward under no_grad and re-runs it during backward without "
+                f"the adapters), so its adapters would silently get no gradient; use {_CHECKPOINT_HINT}. If the "
+                f"model really computes this layer without gradients, call it under torch.no_grad() as a whole"
+            )
+
     def module_output(self, layer: Layer, args: tuple, output: Tensor) -> Tensor:
         """A module kind's adapted output, from the input it was called with and its own output."""
+        self._entering(layer)
         self.hit.add(layer.path)
         x = args[0]
         gradient_ok = layer.kind.passes_gradient is None or layer.kind.passes_gradient(layer.module)
@@ -125,6 +210,7 @@ class _Mode(TorchFunctionMode):
             layer = self._match(func, args, kwargs)
             unpacked = None if layer is None else layer.kind.unpack(args, kwargs)
             if layer is not None and unpacked is not None:
+                self._entering(layer)
                 self.hit.add(layer.path)
                 x, b = unpacked
                 weight: Tensor = layer.module.weight  # type: ignore[assignment]
@@ -132,7 +218,7 @@ class _Mode(TorchFunctionMode):
                 return layer.handler(
                     x, W, None if b is None else self._value(b), lambda: self._own_product(func, args, kwargs, weight, b)
                 )
-        if swap and not (self.detach_only and not torch.is_grad_enabled()):
+        if swap and not self.closed and not (self.detach_only and not torch.is_grad_enabled()):
             args = tuple(swap.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
             if kwargs:
                 kwargs = {k: swap.get(id(v), v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
@@ -152,6 +238,7 @@ class _Mode(TorchFunctionMode):
 class _ThreadModes(threading.local):
     def __init__(self):  # runs once per thread, on its first access: every thread starts with its own empty stack
         self.modes: list[_Mode] = []
+        self.checkpoints: list = []  # pack hooks of the torch.utils.checkpoint regions opened with checkpoint_context
 
 
 _local = _ThreadModes()
@@ -181,11 +268,163 @@ def _install_module_hook() -> None:
             _hook_handle = nn.modules.module.register_module_forward_hook(_module_hook)  # pyright: ignore[reportArgumentType]  (a forward hook may return a new output; torch annotates None)
 
 
-def mode(layers: list[Layer], swap: dict[int, Tensor], freeze: bool, detach_only: bool = False) -> _Mode:
-    """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward.
-    ``detach_only``: ``swap`` holds only detached copies of the model's own tensors (no ``base=``
-    values), so ops run without gradient skip the substitution."""
-    return _Mode(layers, swap, freeze, detach_only)
+def mode(
+    layers: list[Layer],
+    swap: dict[int, Tensor],
+    freeze: bool,
+    detach_only: bool = False,
+    owner: str = "lf.call",
+    training: Callable[[], bool] | None = None,
+) -> _Mode:
+    """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward and
+    ``m.close()`` when the owning call or block ends. ``detach_only``: ``swap`` holds only detached
+    copies of the model's own tensors (no ``base=`` values), so ops run without gradient skip the
+    substitution. ``training``: whether the call trains (checked when a layer runs without gradient)."""
+    return _Mode(layers, swap, freeze, detach_only, owner, training)
+
+
+def close(m: _Mode) -> None:
+    """The call or block that owns ``m`` has ended: threads started inside it that still hold it now
+    raise at a targeted layer, and pass every other op through untouched."""
+    m.closed = True
+
+
+# ----------------------------------------------------------------------------- threads
+_start_lock = threading.Lock()
+_plain_start: Callable | None = None
+
+
+def _note_thread_starts() -> None:
+    """Wrap ``threading.Thread.start`` (once per process) so that a thread started while modes are
+    active on the starting thread runs its ``run`` inside the same modes."""
+    global _plain_start
+    if _plain_start is not None:
+        return
+    with _start_lock:
+        if _plain_start is not None:
+            return
+        plain = threading.Thread.start
+
+        @functools.wraps(plain)
+        def start(self: threading.Thread):
+            modes = tuple(_local.modes)
+            if modes:
+                self.run = functools.partial(_run_in, modes, self.run)  # pyright: ignore[reportAttributeAccessIssue]
+            return plain(self)
+
+        threading.Thread.start = start  # pyright: ignore[reportAttributeAccessIssue]
+        _plain_start = plain
+
+
+def _run_in(modes: tuple[_Mode, ...], fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on this thread inside ``modes`` (outermost first)."""
+    with contextlib.ExitStack() as stack:
+        for m in modes:
+            stack.enter_context(m)
+        return fn(*args, **kwargs)
+
+
+def bound(fn: Callable, mode: _Mode) -> Callable:
+    """``fn`` bound to ``mode`` (with the modes it is nested in, when it is active on this thread):
+    called on any thread (a pool made earlier, a callback), it runs inside them; after the call or
+    block that owns ``mode`` has ended, a targeted layer raises."""
+    if not callable(fn):
+        raise TypeError(f"block.bind(fn): fn must be callable, got {type(fn).__name__}")
+    stack = _local.modes
+    at = next((i for i, m in enumerate(stack) if m is mode), None)
+    modes = (mode,) if at is None else tuple(stack[: at + 1])
+    return functools.wraps(fn)(functools.partial(_run_in, modes, fn))
+
+
+# ----------------------------------------------------------------------------- checkpointing
+def _top_saved_tensors_hooks():
+    """(pack, unpack) of the innermost ``saved_tensors_hooks`` on this thread, or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def _is_checkpoint_pack(pack) -> bool:
+    # torch.utils.checkpoint's non-reentrant forward saves through _checkpoint_hook's pack_hook
+    return getattr(pack, "__qualname__", "").startswith("_checkpoint_hook.")
+
+
+@functools.cache
+def _reentrant_forward_code():
+    import torch.utils.checkpoint as cp
+
+    return cp.CheckpointFunction.forward.__code__
+
+
+def _under_reentrant_checkpoint(depth: int = 64) -> bool:
+    code = _reentrant_forward_code()
+    f = sys._getframe(1)
+    while f is not None and depth:
+        if f.f_code is code:
+            return True
+        f, depth = f.f_back, depth - 1
+    return False
+
+
+class _MarkCheckpoint:
+    """The forward side: notes the checkpoint region just opened as one whose recompute re-enters
+    the modes (so a targeted layer inside it is not refused)."""
+
+    def __enter__(self):
+        hooks = _top_saved_tensors_hooks()
+        _local.checkpoints.append(None if hooks is None else hooks[0])
+
+    def __exit__(self, *exc):
+        _local.checkpoints.pop()
+
+
+class _Recompute:
+    """The recompute side: re-enters (open copies of) the modes that were active at the forward."""
+
+    def __init__(self, modes: tuple[_Mode, ...]):
+        self.modes = modes
+        self.stack: contextlib.ExitStack | None = None
+
+    def __enter__(self):
+        stack = contextlib.ExitStack()
+        for m in self.modes:
+            again = copy.copy(m)  # shares layers, swap and hit set; open even if the call has returned
+            again.closed = False
+            stack.enter_context(again)
+        self.stack = stack
+
+    def __exit__(self, *exc):
+        stack, self.stack = self.stack, None
+        assert stack is not None
+        return stack.__exit__(*exc)
+
+
+def checkpoint_context() -> tuple[_MarkCheckpoint, _Recompute]:
+    r"""``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
+    recompute during backward sees exactly the adapters (lite_fn modes) active at the forward, so
+    checkpointed layers' adapters get the gradients of the unchecked step.
+
+    Pass it as it is (not called): ``checkpoint(fn, x, use_reentrant=False,
+    context_fn=lf.checkpoint_context)``, or through transformers:
+    ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+    "context_fn": lf.checkpoint_context})``. Outside any lite_fn call it changes nothing.
+
+    Example:
+        >>> import torch, lite_fn as lf
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.block = block
+        ...     def forward(self, x):
+        ...         return checkpoint(self.block, x, use_reentrant=False, context_fn=lf.checkpoint_context)
+        >>> net = Net()
+        >>> params = lf.init(0, net, lf.LoRAConfig(r=2), targets=r"block\.0$")
+        >>> _ = params["block.0"]["lora"]["B"].data.normal_()  # a trained-looking adapter
+        >>> lf.call(net, params, torch.randn(4, 8)).sum().backward()
+        >>> params["block.0"]["lora"]["A"].grad is not None
+        True
+    """
+    return _MarkCheckpoint(), _Recompute(tuple(_local.modes))
 
 
 def missed_error(paths: list[str], what: str) -> RuntimeError:

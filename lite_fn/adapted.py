@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from . import runtime
+from . import _inject, runtime
 from .trees import Params, is_trainable
 
 
@@ -82,6 +82,11 @@ class Adapted(nn.Module):
             ``TRAINABLE``) become ``nn.Parameter``s, the others (scales, frozen bases, steering
             alpha) persistent buffers. ``params`` itself is left as it was.
         base: the weights of a stateless model (a meta-device skeleton), as ``lf.call`` takes them.
+        checkpointing: turn on transformers' activation checkpointing for you, with the recompute
+            seeing the adapters: ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+            {"use_reentrant": False, "context_fn": lf.checkpoint_context})`` — the one change to the
+            base model lite_fn makes, and only when asked. For any other model wrap its blocks in
+            ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=lf.checkpoint_context)``.
 
     ``forward(*args, **kwargs)`` is ``lf.call(model, self.params, *args, base=base, **kwargs)``, so
     it returns what the model returns (with ``labels=``, a Hugging Face model's output ``.loss``),
@@ -127,10 +132,28 @@ class Adapted(nn.Module):
         facade = _facade_class(type(model)) if cls is Adapted and isinstance(model, nn.Module) else cls
         return nn.Module.__new__(facade)
 
-    def __init__(self, model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None = None):
+    def __init__(
+        self, model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None = None, checkpointing: bool = False
+    ):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"lf.Adapted(model, params): model must be an nn.Module, got {type(model).__name__}")
+        if checkpointing:
+            kwargs = {"use_reentrant": False, "context_fn": _inject.checkpoint_context}
+            new, old = (
+                getattr(model, "activation_checkpointing_enable", None),
+                getattr(model, "gradient_checkpointing_enable", None),
+            )
+            if not callable(new) and not callable(old):
+                raise TypeError(
+                    f"lf.Adapted(..., checkpointing=True) turns on transformers' activation checkpointing, but "
+                    f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks yourself in "
+                    f"torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=lf.checkpoint_context)"
+                )
+            if callable(new):  # transformers 5 (gradient_checkpointing_enable is its deprecated alias)
+                new(activation_checkpointing_kwargs=kwargs)
+            else:
+                old(gradient_checkpointing_kwargs=kwargs)  # pyright: ignore[reportOptionalCall]
         if not isinstance(params, dict) or not params:
             raise TypeError(
                 f"lf.Adapted(model, params): params must be a non-empty dict from lf.init or lf.load "

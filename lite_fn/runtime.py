@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -398,19 +399,7 @@ def _prepared(entries: list[_Entry]) -> list[_Entry]:
     return entries
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether a transformers model re-runs its layers during backward (activation checkpointing)."""
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_activation_checkpointing", False)) if flag is not None else False
-
-
 def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True):
-    if torch.is_grad_enabled() and model.training and _checkpointing(model):
-        raise RuntimeError(
-            f"{type(model).__name__} has gradient checkpointing on: it re-runs layers during backward, after "
-            f"lf.call has returned, so their adapters would get no (or wrong) gradients. Turn it off with "
-            f"model.gradient_checkpointing_disable() (or evaluate under torch.no_grad())"
-        )
     swap, aliases = _base.swap_map(model, base, freeze_base)
     entries, K = _entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
     if route is not None:
@@ -425,8 +414,35 @@ def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True
     if route is None and one_forward:  # derived leaves live for one forward: a block may see leaves change in place
         entries = _prepared(entries)
     segments = None if route is None or K is None else _segments(route, K)
-    layers = [_inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments)) for e in entries]
-    return _inject.mode(layers, swap, freeze_base, detach_only=base is None)
+    layers = [
+        _inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments), _weight_dtype(e.module)) for e in entries
+    ]
+    owner = "lf.call" if one_forward else "lf.applied"
+    if not one_forward:  # a block trains only if the model is in training mode (generation runs in eval)
+        trains = functools.cache(lambda: model.training and _any_requires_grad(entries))
+    else:
+        trains = functools.cache(lambda: _any_requires_grad(entries))
+    return _inject.mode(layers, swap, freeze_base, detach_only=base is None, owner=owner, training=trains)
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype | None:
+    w = getattr(module, "weight", None)
+    return w.dtype if isinstance(w, Tensor) and w.is_floating_point() else None
+
+
+def _any_requires_grad(entries: list[_Entry]) -> bool:
+    return any(v.requires_grad for e in entries for v in e.leaves.values())
+
+
+def _batch_of(args: tuple, kwargs: dict) -> tuple[str, int] | None:
+    """(name, leading size) of the model's first tensor input: the batch a route must match."""
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor) and a.ndim:
+            return f"args[{i}]", a.shape[0]
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor) and v.ndim:
+            return k, v.shape[0]
+    return None
 
 
 _VMAP_HINT = (
@@ -478,6 +494,13 @@ def call(
         True
     """
     m = _prepare(model, params, route, freeze_base, base, key)
+    if route is not None:
+        batch = _batch_of(args, kwargs)
+        if batch is not None and batch[1] != len(route) and linalg.eager_values(route):
+            raise ValueError(
+                f"route has {len(route)} entries but the batch ({batch[0]}) has {batch[1]} examples; lf.call takes one "
+                f"adapter index per example (repeat them yourself, e.g. route.repeat_interleave(n), for n rows each)"
+            )
     try:
         with m:
             out = model(*args, **kwargs)
@@ -485,10 +508,29 @@ def call(
         if ("vmap" in str(e) or "functorch" in str(e)) and _VMAP_HINT not in str(e):
             raise RuntimeError(f"{e}{_VMAP_HINT}") from e
         raise
+    finally:
+        _inject.close(m)
     missed = m.missed()
     if missed:
         raise _inject.missed_error(missed, "lf.call")
     return out
+
+
+class Block:
+    """What ``with lf.applied(...) as block:`` gives: ``block.bind(fn)`` is ``fn`` running inside the
+    block's adapters on whatever thread calls it (a pool made before the block, a callback); once
+    the block has ended, a targeted layer computed there raises."""
+
+    def __init__(self, mode):
+        self._mode = mode
+
+    def bind(self, fn: Callable) -> Callable:
+        """``fn`` bound to this block (and any call or block it is nested in)."""
+        return _inject.bound(fn, self._mode)
+
+    def __repr__(self) -> str:
+        state = "ended" if self._mode.closed else "open"
+        return f"<lf.applied block ({state}), {len(self._mode.layers)} layers>"
 
 
 @contextlib.contextmanager
@@ -500,7 +542,7 @@ def applied(
     key: _keys.Key | None = None,
     freeze_base: bool = True,
     base: Mapping[str, Tensor] | None = None,
-) -> Iterator[None]:
+) -> Iterator[Block]:
     """Every forward of ``model`` inside the block, on this thread, is adapted as ``call`` adapts one.
 
     So ``model.generate``, pipelines and evaluation harnesses run with adapters. Same guarantees
@@ -526,8 +568,11 @@ def applied(
     """
     # no prepare hooks here: the block runs many forwards, and leaves may change in place between them
     m = _prepare(model, params, route, freeze_base, base, key, one_forward=False)
-    with m:
-        yield
+    try:
+        with m:
+            yield Block(m)
+    finally:
+        _inject.close(m)
     missed = m.missed()
     if m.hit and missed:
         raise _inject.missed_error(missed, "lf.applied")

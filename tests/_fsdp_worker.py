@@ -47,5 +47,15 @@ def check(rank: int, out_dir: str) -> None:
     ref.square().mean().backward()
     err_out = (out - ref).abs().max().item()
     err_grad = max((grads[p] - bv["lora"]["A"].grad).abs().max().item() for p, bv in params.items())
+    # the sharded model with activation checkpointing (transformers' switch, recompute through lf.checkpoint_context)
+    checked = copy.deepcopy(ref_model).requires_grad_(False).train()
+    checked.activation_checkpointing_enable({"use_reentrant": False, "context_fn": lf.checkpoint_context})
+    for layer in checked.model.layers:
+        fully_shard(layer)
+    fully_shard(checked)
+    for leaf in lf.trainable(params):
+        leaf.grad = None
+    lf.call(checked, params, x).logits.square().mean().backward()
+    err_ckpt = max((grads[p] - bv["lora"]["A"].grad).abs().max().item() for p, bv in params.items())
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(f"{err_out} {err_grad} {ref.abs().max().item()}")
+        f.write(f"{err_out} {err_grad} {ref.abs().max().item()} {err_ckpt}")

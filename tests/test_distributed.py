@@ -38,10 +38,19 @@ def spawned(tmp_path_factory):
 @needs_dist
 def test_fsdp2_sharded_base_equals_unsharded(spawned):
     for rank in range(2):  # written by _fsdp_worker.check
-        err_out, err_grad, scale = map(float, (spawned / f"rank{rank}.txt").read_text().split())
+        err_out, err_grad, scale, _ = map(float, (spawned / f"rank{rank}.txt").read_text().split())
         assert scale > 0.1
         assert err_out <= 1e-5 * scale, (rank, err_out)
         assert err_grad <= 1e-6, (rank, err_grad)
+
+
+@needs_dist
+def test_fsdp2_with_activation_checkpointing_equals_unsharded(spawned):
+    """transformers' checkpointing switch with lf.checkpoint_context on an FSDP2-sharded base: the recompute
+    (inside FSDP2's unshard hooks, which stay outside the checkpoint) gives the unsharded step's gradients."""
+    for rank in range(2):  # written by _fsdp_worker.check
+        err_ckpt = float((spawned / f"rank{rank}.txt").read_text().split()[3])
+        assert err_ckpt <= 1e-6, (rank, err_ckpt)
 
 
 @needs_dist
