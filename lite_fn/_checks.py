@@ -105,13 +105,19 @@ def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int =
         )
     for k, shape in expected.items():
         if given[k] != tuple(shape):
+            _refuse_stacked(where, variant, leaves, W, batch_dims)
             lead = f"({K}, ...) stacked as " if batch_dims else ""
             raise ValueError(
                 f"{where}[{k!r}] has shape {given[k]} but {variant.NAME} on W of shape ({d_out}, {d_in}) "
                 f"needs {lead}{tuple(shape)} (no broadcasting); re-init it with lf.init for this layer"
             )
     for k, v in leaves.items():
-        if v.is_floating_point() and v.dtype != W.dtype:
+        if not v.is_floating_point():
+            raise TypeError(
+                f"{where}[{k!r}] has dtype {v.dtype}; adapter leaves are floating point, in the layer weight's dtype "
+                f"({W.dtype}): cast it (e.g. leaf.to({W.dtype})) or re-init with lf.init"
+            )
+        if v.dtype != W.dtype:
             raise TypeError(
                 f"{where}[{k!r}] has dtype {v.dtype} but the layer's weight is {W.dtype}; cast the params "
                 f"(e.g. optree.tree_map(lambda t: t.to({W.dtype}), params)) or the model to one dtype"
@@ -121,6 +127,21 @@ def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int =
                 f"{where}[{k!r}] is on {v.device} but the layer's weight is on {W.device}; move the params to {W.device}"
             )
     return K
+
+
+def _refuse_stacked(where: str, variant, leaves, W: torch.Tensor, batch_dims: int) -> None:
+    """Leaves that do not fit one adapter but do fit a stack of K: say so, and how to evaluate them."""
+    if batch_dims:
+        return
+    try:
+        K = check_leaves(where, variant, leaves, W, batch_dims=1)
+    except (ValueError, TypeError):
+        return
+    raise ValueError(
+        f"{where}: the leaves are stacked (a leading axis of {K} adapters, e.g. from lf.stack) but this call evaluates "
+        f"one adapter; evaluate all {K} with torch.func.vmap(lambda p: lf.call(model, p, x))(stacked), per example "
+        f"with lf.call(model, stacked, x, route=<one adapter index per example>), or take one with lf.unstack(stacked)[k]"
+    )
 
 
 _CHECKED: dict[tuple, tuple[Any, int | None]] = {}  # leaf metadata that passed check_leaves -> (variant, K)

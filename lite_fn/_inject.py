@@ -89,8 +89,8 @@ class _Mode(TorchFunctionMode):
         # () -> whether this call trains (grad on at its start, leaves that require grad); computed on demand
         self.training = training
         self.grad_at_start = torch.is_grad_enabled()
+        self.trains: bool | None = None  # self.training(), once asked
         self.closed = False  # set when the owning call or block ends (threads started inside may outlive it)
-        self.thread_name = threading.current_thread().name
         self.swap = swap  # id(model tensor) -> the tensor to use instead
         self.freeze = freeze
         # swap only detaches (no base= values): an op run without gradient gets the same result either way
@@ -125,8 +125,8 @@ class _Mode(TorchFunctionMode):
         ``checkpoint_context``, not a gradient-free region of a training call)."""
         if self.closed:
             raise RuntimeError(
-                f"{layer.path}: this thread ({threading.current_thread().name}) was started inside {self.owner} on "
-                f"{self.thread_name}, which has ended; a forward here would silently be the base model. Keep the "
+                f"{layer.path}: this thread ({threading.current_thread().name}) was started inside {self.owner}, "
+                f"which has ended; a forward here would silently be the base model. Keep the "
                 f"block open until the thread is done (iterate the streamer inside the block, join the thread), or "
                 f"hand work to a pool with `with lf.applied(...) as block: pool.submit(block.bind(fn), ...)`"
             )
@@ -135,9 +135,12 @@ class _Mode(TorchFunctionMode):
             if isinstance(w, Tensor) and w.dtype != layer.dtype and layer.kind.op is not None:
                 raise TypeError(
                     f"{layer.path}: the layer's weight is now {w.dtype}, but {self.owner} checked its adapter leaves "
-                    f"against {layer.dtype} (the model changed dtype during the call or block); cast the params too "
-                    f"(optree.tree_map(lambda t: t.to({w.dtype}), params)) and enter a new block"
+                    f"against {layer.dtype} (the model changed dtype during the call or block, so the adapters and "
+                    f"the detached base weights no longer match it); leave the block, cast the params too "
+                    f"(optree.tree_map(lambda t: t.to({w.dtype}), params)) and enter a new one"
                 )
+        if torch.compiler.is_compiling():
+            return  # traced: torch.compile handles checkpoint regions itself (and cannot read saved-tensor hooks)
         if torch.is_grad_enabled():
             hooks = _top_saved_tensors_hooks()
             if hooks is not None and _is_checkpoint_pack(hooks[0]) and torch._C._are_functorch_transforms_active():
@@ -152,18 +155,18 @@ class _Mode(TorchFunctionMode):
                     f"{layer.path} is computed inside torch.utils.checkpoint without lf.checkpoint_context: the "
                     f"recompute during backward would run without the adapters (wrong gradients). Use {_CHECKPOINT_HINT}"
                 )
-        elif (
-            self.grad_at_start
-            and self.training is not None
-            and self.training()
-            and (self.owner == "lf.call" or _under_reentrant_checkpoint())
-        ):
+        elif self.grad_at_start and self._trains() and (self.owner == "lf.call" or _under_reentrant_checkpoint()):
             raise RuntimeError(
                 f"{layer.path} is computed with gradients off inside a training {self.owner} (reentrant "
                 f"activation checkpointing runs the forward under no_grad and re-runs it during backward without "
                 f"the adapters), so its adapters would silently get no gradient; use {_CHECKPOINT_HINT}. If the "
                 f"model really computes this layer without gradients, call it under torch.no_grad() as a whole"
             )
+
+    def _trains(self) -> bool:
+        if self.trains is None:
+            self.trains = self.training is not None and bool(self.training())
+        return self.trains
 
     def module_output(self, layer: Layer, args: tuple, output: Tensor) -> Tensor:
         """A module kind's adapted output, from the input it was called with and its own output."""
@@ -218,7 +221,12 @@ class _Mode(TorchFunctionMode):
                 return layer.handler(
                     x, W, None if b is None else self._value(b), lambda: self._own_product(func, args, kwargs, weight, b)
                 )
-        if swap and not self.closed and not (self.detach_only and not torch.is_grad_enabled()):
+        if (
+            swap
+            and not self.closed
+            and not (self.detach_only and not torch.is_grad_enabled())
+            and getattr(func, "__name__", None) != "__set__"  # `param.data = …` (module.to/.double()) sets the model's own
+        ):
             args = tuple(swap.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
             if kwargs:
                 kwargs = {k: swap.get(id(v), v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}

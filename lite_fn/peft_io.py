@@ -612,6 +612,14 @@ def _refuse_foreign_tensors(tensors: dict[str, Tensor], file: str) -> None:
             f"nn.Linear and Conv1D layers only"
         )
     base = [k for k in tensors if ".base_layer." in k]
+    mha = [k for k in base if ".base_layer.out_proj.lora_" in k]
+    if mha:  # peft's LoRA on nn.MultiheadAttention: its in_proj as <target>.lora_*, out_proj under base_layer
+        target = mha[0].removeprefix(_PREFIX).split(".base_layer.")[0]
+        raise ValueError(
+            f"{file!r}: tensor {mha[0]!r} is peft's LoRA on an nn.MultiheadAttention (target {target!r}: its fused "
+            f"in_proj and its out_proj); lite_fn does not adapt nn.MultiheadAttention — load it with peft, or target "
+            f"the model's nn.Linear layers"
+        )
     if base:
         raise ValueError(
             f"{file!r} holds base-model weights ({base[:3]}; peft's save_embedding_layers), which a lite_fn adapter cannot hold"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -419,9 +418,9 @@ def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True
     ]
     owner = "lf.call" if one_forward else "lf.applied"
     if not one_forward:  # a block trains only if the model is in training mode (generation runs in eval)
-        trains = functools.cache(lambda: model.training and _any_requires_grad(entries))
+        trains = lambda: model.training and _any_requires_grad(entries)
     else:
-        trains = functools.cache(lambda: _any_requires_grad(entries))
+        trains = lambda: _any_requires_grad(entries)
     return _inject.mode(layers, swap, freeze_base, detach_only=base is None, owner=owner, training=trains)
 
 

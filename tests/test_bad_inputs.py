@@ -34,6 +34,13 @@ def steer():
     return lf.init(0, M, lf.AntiPaSTOConfig(r=8, block_size=4), targets=r"o_proj$")
 
 
+def _cast_inside_a_block():
+    model = copy.deepcopy(M)
+    with lf.applied(model, lora()):
+        model.double()
+        model(tokens())
+
+
 def stacked(k=3):
     return lf.stack([lora() for _ in range(k)])
 
@@ -173,7 +180,24 @@ CATALOGUE = [
         TypeError,
         r"float64",
     ),
-    ("call: stacked without route", lambda: lf.call(M, stacked(), tokens()), ValueError, r"has shape \(3, 4, 32\)"),
+    (
+        "call: stacked without route",
+        lambda: lf.call(M, stacked(), tokens()),
+        ValueError,
+        r"the leaves are stacked \(a leading axis of 3 adapters.*torch.func.vmap.*route=",
+    ),
+    (
+        "call: int64 leaf",
+        lambda: lf.call(M, with_leaf("A", torch.zeros(4, 32, dtype=torch.int64)), tokens()),
+        TypeError,
+        r"\['A'\] has dtype torch.int64; adapter leaves are floating point",
+    ),
+    (
+        "call: model cast inside a block",
+        lambda: _cast_inside_a_block(),
+        TypeError,
+        r"q_proj: the layer's weight is now torch.float64",
+    ),
     # --- call: route
     ("route: bool", lambda: lf.call(M, stacked(), tokens(), route=torch.tensor([True, False])), ValueError, r"boolean mask"),
     (
@@ -198,6 +222,18 @@ CATALOGUE = [
     ),
     ("route: unstacked", lambda: lf.call(M, lora(), tokens(), route=torch.tensor([0, 0])), ValueError, r"leading adapter axis"),
     ("route: str", lambda: lf.call(M, stacked(), tokens(), route="0,1"), TypeError, r"got str"),
+    (
+        "route: shorter than the batch by a whole factor",
+        lambda: lf.call(M, stacked(), tokens(4), route=torch.tensor([0, 1])),
+        ValueError,
+        r"route has 2 entries but the batch \(args\[0\]\) has 4 examples",
+    ),
+    (
+        "route: one index for a batch of two",
+        lambda: lf.call(M, stacked(), input_ids=tokens(2), route=torch.tensor([1])),
+        ValueError,
+        r"route has 1 entries but the batch \(input_ids\) has 2 examples",
+    ),
     # --- call: base=
     ("base: not a dict", lambda: lf.call(SKELETON, lora(), tokens(), base=[1]), TypeError, r"base must be a dict"),
     (

@@ -727,3 +727,20 @@ def test_pad_refusals_name_the_variant_and_why():
     _, ia = build("llama", [(lf.IA3Config(), r"q_proj$")])
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj' holds different variants"):
         lf.stack([lo, ia], pad=True)
+
+
+def test_lora_on_multihead_attention_is_refused_naming_it(tmp_path):
+    class WithAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.out(self.mha(x, x, x)[0])
+
+    torch.manual_seed(0)
+    model = WithAttention()
+    peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["mha"])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"peft's LoRA on an nn.MultiheadAttention \(target 'mha'"):
+        lf.load_peft(tmp_path, model=model)
