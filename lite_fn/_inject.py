@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import linalg
 from ._layers import LayerKind, QuantizedWeight
 
 # (x, W as (d_out, d_in), bias or None, the layer's own base product) -> the layer's output
@@ -82,9 +83,15 @@ class _Mode(TorchFunctionMode):
         detach_only: bool = False,
         owner: str = "lf.call",
         training: Callable[[], bool] | None = None,
+        model: nn.Module | None = None,
     ):
         super().__init__()
         self.layers = layers
+        # light: adapted around the targeted modules' own calls (global module hooks), not op by op; see
+        # _enter_light. Needs the model (whose module calls get the op-by-op mode when they need substitution).
+        self.light = model is not None
+        self.model = model
+        self._module_ids: set[int] | None = None
         self.owner = owner  # "lf.call" / "lf.applied" / "calibration": named in errors
         # () -> whether this call trains (grad on at its start, leaves that require grad); computed on demand
         self.training = training
@@ -98,9 +105,9 @@ class _Mode(TorchFunctionMode):
         self.by_op: dict = {}
         self.by_module: dict[int, Layer] = {}
         for layer in layers:
-            if layer.kind.op is None:
+            if layer.kind.op is None or self.light:
                 self.by_module[id(layer.module)] = layer
-            else:
+            if layer.kind.op is not None:
                 self.by_op.setdefault(layer.kind.op, []).append(layer)
         self.by_weight = {id(layer.module.weight): layer for layer in layers if layer.kind.op is not None}
         self.hit: set[str] = set()
@@ -109,15 +116,33 @@ class _Mode(TorchFunctionMode):
 
     def __enter__(self):
         _note_thread_starts()
+        if self.light:  # registered on this thread only; module hooks adapt, and push it where ops need substitution
+            _local.modes.append(self)
+            return self
+        _push_lights(self)  # light modes below go on torch's stack first, so this one stays innermost
         out = super().__enter__()
-        _active_modes().append(self)
+        _local.modes.append(self)
         return out
 
     def __exit__(self, *exc):
-        stack = _active_modes()
+        stack = _local.modes
         if stack and stack[-1] is self:
             stack.pop()
-        return super().__exit__(*exc)
+        if self.light:
+            return None
+        out = super().__exit__(*exc)
+        _pop_lights(self)
+        return out
+
+    def covers(self, module: nn.Module) -> bool:
+        """Whether ``module`` belongs to this mode's model (its module calls need the mode's substitutions)."""
+        if self._module_ids is None:
+            self._module_ids = {id(m) for m in self.model.modules()} if self.model is not None else set()
+        return id(module) in self._module_ids
+
+    def needs_ops(self) -> bool:
+        """A light mode whose forwards must substitute tensors now (detached base weights under autograd)."""
+        return bool(self.swap) and not self.closed and torch.is_grad_enabled()
 
     def _entering(self, layer: Layer) -> None:
         """Checks at a targeted layer's product: this mode is still live, the weight kept its dtype, and
@@ -183,7 +208,8 @@ class _Mode(TorchFunctionMode):
             )
         b = getattr(layer.module, "bias", None)
         b = None if b is None else self._value(b)
-        W = QuantizedWeight(layer.module, layer.kind, x, output)  # a Tensor to the variant: F.linear, shape, dtype
+        # a Tensor to the variant: its F.linear of x is the output the layer just computed; shape, dtype, values
+        W = QuantizedWeight(layer.module, layer.kind, x, output)
         return layer.handler(x, W, b, lambda: output)  # type: ignore[arg-type]
 
     def _match(self, func, args, kwargs) -> Layer | None:
@@ -195,8 +221,19 @@ class _Mode(TorchFunctionMode):
         layer = self.by_weight.get(id(w))
         if layer is not None and layer.module.weight is w:
             return layer
+        ptr = w.data_ptr() if not w.is_meta and linalg.eager_values(w) else None
         for layer in layers:  # the weight was swapped during the forward (FSDP2, offload): look it up now
-            if layer.module.weight is w:
+            own = layer.module.weight
+            if own is w:
+                return layer
+            # another active mode (a nested call or block) handed it on detached: the same values, same layout
+            if (
+                ptr is not None
+                and isinstance(own, Tensor)
+                and own.data_ptr() == ptr
+                and (own.shape, own.stride(), own.dtype) == (w.shape, w.stride(), w.dtype)
+                and not w.requires_grad
+            ):
                 return layer
         return None
 
@@ -246,6 +283,8 @@ class _Mode(TorchFunctionMode):
 class _ThreadModes(threading.local):
     def __init__(self):  # runs once per thread, on its first access: every thread starts with its own empty stack
         self.modes: list[_Mode] = []
+        self.pushed: set[int] = set()  # ids of light modes now on torch's mode stack (on this thread)
+        self.groups: list[tuple[object, list[_Mode]]] = []  # (who pushed them: a module or a mode, the light modes)
         self.checkpoints: list = []  # pack hooks of the torch.utils.checkpoint regions opened with checkpoint_context
 
 
@@ -265,15 +304,57 @@ def _module_hook(module: nn.Module, args: tuple, output):
     for m in reversed(stack):  # the innermost active call that targets this module adapts it
         layer = m.by_module.get(id(module))
         if layer is not None and layer.module is module:
+            if layer.kind.op is not None and id(m) in _local.pushed:
+                return None  # on torch's stack for this call: its op was answered there
             return m.module_output(layer, args, output)
     return None
+
+
+def _push_lights(owner: object) -> None:
+    """Put this thread's light modes that are not on torch's stack onto it, outermost first (a group
+    that ``owner`` pops again): for a module call that needs substitutions, or below a nested full mode."""
+    lights = [m for m in _local.modes if m.light and id(m) not in _local.pushed]
+    for m in lights:
+        TorchFunctionMode.__enter__(m)
+        _local.pushed.add(id(m))
+    _local.groups.append((owner, lights))
+
+
+def _pop_lights(owner: object) -> None:
+    groups = _local.groups
+    if groups and groups[-1][0] is owner:
+        _, lights = groups.pop()
+        for m in reversed(lights):
+            TorchFunctionMode.__exit__(m, None, None, None)
+            _local.pushed.discard(id(m))
+
+
+def _pre_hook(module: nn.Module, args: tuple):
+    stack = _local.modes
+    if stack and torch.is_grad_enabled():
+        for m in stack:
+            if m.light and id(m) not in _local.pushed and m.needs_ops() and m.covers(module):
+                _push_lights(module)  # this call (and everything it calls) runs op by op
+                return None
+    return None
+
+
+def _pop_hook(module: nn.Module, args: tuple, output):
+    groups = _local.groups
+    if groups and groups[-1][0] is module:
+        _pop_lights(module)
 
 
 def _install_module_hook() -> None:
     global _hook_handle
     with _hook_lock:  # installed once and kept: removing a global hook while other threads iterate them is unsafe
         if _hook_handle is None:
-            _hook_handle = nn.modules.module.register_module_forward_hook(_module_hook)  # pyright: ignore[reportArgumentType]  (a forward hook may return a new output; torch annotates None)
+            register = nn.modules.module
+            _hook_handle = (
+                register.register_module_forward_hook(_module_hook),  # pyright: ignore[reportArgumentType]  (a forward hook may return a new output; torch annotates None)
+                register.register_module_forward_pre_hook(_pre_hook),
+                register.register_module_forward_hook(_pop_hook, always_call=True),  # after _module_hook, also on errors
+            )
 
 
 def mode(
@@ -283,12 +364,14 @@ def mode(
     detach_only: bool = False,
     owner: str = "lf.call",
     training: Callable[[], bool] | None = None,
+    model: nn.Module | None = None,
 ) -> _Mode:
     """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward and
     ``m.close()`` when the owning call or block ends. ``detach_only``: ``swap`` holds only detached
     copies of the model's own tensors (no ``base=`` values), so ops run without gradient skip the
-    substitution. ``training``: whether the call trains (checked when a layer runs without gradient)."""
-    return _Mode(layers, swap, freeze, detach_only, owner, training)
+    substitution. ``training``: whether the call trains (checked when a layer runs without gradient).
+    ``model``: a light mode (see ``_Mode.__enter__``) for this model; None: op by op."""
+    return _Mode(layers, swap, freeze, detach_only, owner, training, model)
 
 
 def close(m: _Mode) -> None:

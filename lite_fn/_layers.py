@@ -27,12 +27,13 @@ class LayerKind(NamedTuple):
     name: str
     matches: Callable[[nn.Module], bool]
     op: Callable[..., Any] | None  # the torch function the forward calls with its weight; None: a module kind
+    # (op kinds are also adapted around their module's call, as module kinds are, when no op needs substituting)
     weight_arg: int  # position of the stored weight in ``op``'s arguments
     unpack: Callable[[tuple, dict], tuple[Tensor, Tensor | None] | None]  # (x, bias) or None: not a plain call
     dense: Callable[[Tensor], Tensor]  # stored weight -> (d_out, d_in) values (dequantized for module kinds)
     store: Callable[[Tensor], Tensor]  # (d_out, d_in) -> stored layout (dense for module kinds)
-    product: Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None = None  # module kinds: x Wᵀ + b by the layer's kernel
-    compute_dtype: Callable[[nn.Module], torch.dtype] | None = None  # module kinds: the dtype the layer computes in
+    product: Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None = None  # x Wᵀ + b by the layer's own kernel
+    compute_dtype: Callable[[nn.Module], torch.dtype] | None = None  # the dtype the layer computes in
     passes_gradient: Callable[[nn.Module], bool] | None = None  # module kinds: False when the kernel drops input grads
 
 
@@ -114,9 +115,33 @@ def _no_op_args(args: tuple, kwargs: dict):
     return None
 
 
+def _product_linear(m: Any, x: Tensor, b: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, m.weight, b)
+
+
+def _product_conv1d(m: Any, x: Tensor, b: Tensor | None) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    y = rows @ m.weight if b is None else torch.addmm(b, rows, m.weight)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _weight_dtype(m: Any) -> torch.dtype:
+    return m.weight.dtype
+
+
 KINDS: tuple[LayerKind, ...] = (
-    LayerKind("nn.Linear", _is_plain_linear, torch.nn.functional.linear, 1, _linear_args, lambda w: w, lambda W: W),
-    LayerKind("Conv1D", _is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W: W.T),
+    LayerKind(
+        "nn.Linear",
+        _is_plain_linear,
+        torch.nn.functional.linear,
+        1,
+        _linear_args,
+        lambda w: w,
+        lambda W: W,
+        _product_linear,
+        _weight_dtype,
+    ),
+    LayerKind("Conv1D", _is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W: W.T, _product_conv1d, _weight_dtype),
     LayerKind(
         "bitsandbytes Linear4bit",
         _is_bnb("Linear4bit"),
@@ -144,7 +169,8 @@ KINDS: tuple[LayerKind, ...] = (
 
 
 class QuantizedWeight:
-    """W of a module-kind (quantized) layer, as a variant's ``apply`` sees it.
+    """W of a layer adapted around its own call (a quantized layer always; any layer kind when no op
+    needs substituting), as a variant's ``apply`` sees it.
 
     ``F.linear(x, W, b)`` runs the layer's own quantized kernel — for the input the layer was
     called with it is the layer's output itself (computed once, by the layer; handed out once, so the
@@ -157,13 +183,16 @@ class QuantizedWeight:
 
     def __init__(self, module: Any, kind: LayerKind, x: Tensor | None = None, y: Tensor | None = None):
         self.module, self.kind, self._x, self._y = module, kind, x, y
-        self.shape = torch.Size((module.out_features, module.in_features))
+        if hasattr(module, "out_features"):
+            self.shape = torch.Size((module.out_features, module.in_features))
+        else:  # Conv1D: its stored weight is (d_in, d_out)
+            self.shape = torch.Size(kind.dense(module.weight).shape)
         assert kind.compute_dtype is not None and kind.product is not None, f"{kind.name} is not a module kind"
         self.dtype = kind.compute_dtype(module)
         self.device = module.weight.device
 
     def dense(self) -> Tensor:
-        return self.kind.dense(self.module.weight).to(self.dtype)
+        return self.kind.dense(self.module.weight).to(self.dtype).detach()
 
     def linear(self, x: Tensor, b: Tensor | None) -> Tensor:
         own_bias = self.module.bias

@@ -345,24 +345,28 @@ def _grouped(
     return out
 
 
-def _applying(entry: _Entry, route: Tensor | None, key, segments: _Segments | None = None) -> _inject.Handler:
+def _applying(
+    entry: _Entry, route: Tensor | None, key, segments: _Segments | None = None, light: bool = False
+) -> _inject.Handler:
     # dropout noise only for layers whose params carry a dropout rate; a pure function of (key, path, position)
     seed = None if key is None or "dropout" not in entry.leaves else _keys.fold_in(key, entry.path)
     if route is not None:
         return _routed(entry.path, entry.variant, entry.leaves, route, seed, segments)
     variant, leaves = entry.variant, entry.leaves
     if seed is None:
-        return _rows(lambda x, W, b: variant.apply(leaves, W, x, b), entry.kind)
-    return _rows(lambda x, W, b: variant.apply(leaves, W, x, b, _noise(seed, x)), entry.kind)
+        return _rows(lambda x, W, b: variant.apply(leaves, W, x, b), entry.kind, light)
+    return _rows(lambda x, W, b: variant.apply(leaves, W, x, b, _noise(seed, x)), entry.kind, light)
 
 
-def _rows(apply: Callable[[Tensor, Tensor, Tensor | None], Tensor], kind: _layers.LayerKind) -> _inject.Handler:
+def _rows(
+    apply: Callable[[Tensor, Tensor, Tensor | None], Tensor], kind: _layers.LayerKind, light: bool = False
+) -> _inject.Handler:
     """A handler that gives ``apply`` a contiguous N-d input as its (rows, d_in) matrix and views the
     result back: the same values (a linear layer acts row by row; dropout noise is a function of the
     flat position), but the fresh layer output inside ``apply`` is then a plain matrix, which an
-    adapter can accumulate into in place without autograd tracking a view. Module kinds (whose
-    output the module computed for its own input shape) get x as it is."""
-    if kind.op is None:
+    adapter can accumulate into in place without autograd tracking a view. Module kinds and light
+    modes (the module computed its output for its own input shape) get x as it is."""
+    if kind.op is None or light:
         return lambda x, W, b, base: apply(x, W, b)
 
     def handler(x: Tensor, W: Tensor, b: Tensor | None, base) -> Tensor:
@@ -413,15 +417,31 @@ def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True
     if route is None and one_forward:  # derived leaves live for one forward: a block may see leaves change in place
         entries = _prepared(entries)
     segments = None if route is None or K is None else _segments(route, K)
+    light = _light(swap, route, base, one_forward)
     layers = [
-        _inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments), _weight_dtype(e.module)) for e in entries
+        _inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments, light), _weight_dtype(e.module))
+        for e in entries
     ]
     owner = "lf.call" if one_forward else "lf.applied"
     if not one_forward:  # a block trains only if the model is in training mode (generation runs in eval)
         trains = lambda: model.training and _any_requires_grad(entries)
     else:
         trains = lambda: _any_requires_grad(entries)
-    return _inject.mode(layers, swap, freeze_base, detach_only=base is None, owner=owner, training=trains)
+    return _inject.mode(
+        layers, swap, freeze_base, detach_only=base is None, owner=owner, training=trains, model=model if light else None
+    )
+
+
+def _light(swap: dict, route, base, one_forward: bool) -> bool:
+    """Whether the adapters can act around the targeted layers' own module calls (one module hook per
+    call) instead of through a mode that sees every op: nothing to substitute (no ``base=``; base weights
+    detached only while autograd records, and then the mode is pushed for the model's calls), plain eager
+    code (torch.compile and torch.func transforms trace the op-by-op mode), one adapter per layer."""
+    if base is not None or route is not None or torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():  # pyright: ignore[reportAttributeAccessIssue]
+        return False
+    return not (one_forward and swap and torch.is_grad_enabled())  # a training call: op by op from the start
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype | None:
