@@ -15,7 +15,9 @@ from torch import Tensor, nn
 def swap_map(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor], dict[int, list[str]]]:
     """(swap, aliases): ``swap`` maps id(model tensor) -> the tensor a forward should use (the
     detached weight when ``freeze``, or ``base[name]`` for a stateless model); ``aliases`` maps
-    id(parameter) -> every name it has (tied weights have several)."""
+    id(parameter) -> every name it has, at least for tied weights (which have several)."""
+    if base is None:
+        return _own_weights(model, freeze)
     aliases: dict[int, list[str]] = {}
     owners: dict[int, Tensor] = {}
     named = list(model.named_parameters(remove_duplicate=False))
@@ -25,10 +27,6 @@ def swap_map(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor], d
         aliases.setdefault(id(t), []).append(name)
         owners[id(t)] = t
     swap: dict[int, Tensor] = {}
-    if base is None:
-        if freeze:
-            swap = {i: t.detach() for i, t in owners.items() if t.requires_grad and not t.is_meta}
-        return swap, aliases
     if not isinstance(base, Mapping):
         raise TypeError(
             f"base must be a dict {{parameter or buffer name: Tensor}} (as torch.func.functional_call takes), got {type(base).__name__}"
@@ -73,4 +71,27 @@ def swap_map(model: nn.Module, base, freeze: bool) -> tuple[dict[int, Tensor], d
             f"the skeleton lost its ties: `.to('meta')` unties them; call skeleton.tie_weights() or build the "
             f"skeleton under `with torch.device('meta'):`"
         )
+    return swap, aliases
+
+
+def _own_weights(model: nn.Module, freeze: bool) -> tuple[dict[int, Tensor], dict[int, list[str]]]:
+    """``swap_map`` without ``base=``: one walk over the modules' own parameter dicts (no names built);
+    ``aliases`` only for parameters that have several names (ties), which is all its readers need."""
+    params: list[Tensor] = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        params.extend(t for t in m._parameters.values() if t is not None)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    seen: dict[int, Tensor] = {}
+    tied = False
+    for t in params:
+        tied = tied or id(t) in seen
+        seen[id(t)] = t
+    swap = {i: t.detach() for i, t in seen.items() if t.requires_grad and not t.is_meta} if freeze else {}
+    aliases: dict[int, list[str]] = {}
+    if tied:
+        for name, t in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(t), []).append(name)
+        aliases = {i: names for i, names in aliases.items() if len(names) > 1}
     return swap, aliases

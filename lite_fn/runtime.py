@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -234,6 +235,93 @@ def _entries(
     return entries, K
 
 
+class _Plan(NamedTuple):
+    """What ``_entries`` found for one params tree on one model, and what it read: weak references to
+    each layer's module, weight and leaves with their metadata, so a later call can tell exactly
+    whether anything it checked has changed (a leaf or module replaced, a weight cast or resized)."""
+
+    rows: tuple  # (path, variant name, id(by-variant dict), id(leaves dict), module ref, kind, variant, weight ref, weight meta, leaf refs+meta)
+    K: int | None
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], _Plan]] = weakref.WeakKeyDictionary()
+_PLANS_PER_MODEL = 8
+
+
+def _meta(t: Tensor) -> tuple:
+    return (t.shape, t.dtype, t.device)
+
+
+def _planned_entries(
+    model: nn.Module, params: Params, swap: dict[int, Tensor], aliases: dict[int, list[str]], batch_dims: int = 0
+) -> tuple[list[_Entry], int | None]:
+    """``_entries``, remembered per (model, params tree): a call whose params and model still hold the
+    very objects (and metadata) the last check read skips the checks; anything else is checked anew.
+    Tied weights (``aliases``) are always checked anew."""
+    if not isinstance(params, dict) or aliases or torch.compiler.is_compiling():
+        return _entries(model, params, swap, aliases, batch_dims)
+    key = (id(params), batch_dims)
+    plans = _PLANS.get(model)
+    plan = None if plans is None else plans.get(key)
+    if plan is not None:
+        entries = _replay(plan, model, params)
+        if entries is not None:
+            return entries, plan.K
+    entries, K = _entries(model, params, swap, aliases, batch_dims)
+    rows = []
+    for e in entries:
+        (by_variant,) = [params[e.path]]
+        w = e.module.weight
+        if not isinstance(w, Tensor):
+            return entries, K
+        leaves = tuple((k, weakref.ref(v), _meta(v)) for k, v in e.leaves.items())
+        rows.append(
+            (
+                e.path,
+                e.variant.NAME,
+                id(by_variant),
+                id(e.leaves),
+                weakref.ref(e.module),
+                e.kind,
+                e.variant,
+                weakref.ref(w),
+                _meta(w),
+                leaves,
+            )
+        )
+    plans = _PLANS.setdefault(model, {})
+    if len(plans) >= _PLANS_PER_MODEL:
+        plans.clear()
+    plans[key] = _Plan(tuple(rows), K)
+    return entries, K
+
+
+def _replay(plan: _Plan, model: nn.Module, params: Params) -> list[_Entry] | None:
+    if len(params) != len(plan.rows):
+        return None
+    entries = []
+    for (path, name, bv_id, leaves_id, module_ref, kind, variant, w_ref, w_meta, leaves), (p, by_variant) in zip(
+        plan.rows, params.items()
+    ):
+        if p != path or id(by_variant) != bv_id or len(by_variant) != 1 or variants.REGISTRY.get(name) is not variant:
+            return None
+        ((n, current),) = by_variant.items()
+        if n != name or id(current) != leaves_id or len(current) != len(leaves):
+            return None
+        for (k, ref, meta), (k2, v) in zip(leaves, current.items()):
+            if k != k2 or ref() is not v or _meta(v) != meta:
+                return None
+        try:
+            module = _submodule(model, path)
+        except AttributeError:  # gone: _entries names it
+            return None
+        w = getattr(module, "weight", None)
+        if module is not module_ref() or w is not w_ref() or _meta(w) != w_meta:  # pyright: ignore[reportArgumentType]
+            return None
+        entries.append(_Entry(path, module, kind, variant, current))
+    return entries
+
+
 def _check_route(route, K: int | None) -> Tensor:
     if isinstance(route, (list, tuple)):
         route = torch.tensor(route)
@@ -404,7 +492,7 @@ def _prepared(entries: list[_Entry]) -> list[_Entry]:
 
 def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True):
     swap, aliases = _base.swap_map(model, base, freeze_base)
-    entries, K = _entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
+    entries, K = _planned_entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
     if route is not None:
         route = _check_route(route, K)
     if key is not None:
