@@ -84,8 +84,10 @@ class _Mode(TorchFunctionMode):
         owner: str = "lf.call",
         training: Callable[[], bool] | None = None,
         model: nn.Module | None = None,
+        own_weights: Callable[[], dict[int, Tensor]] | None = None,
     ):
         super().__init__()
+        self._own_weights = own_weights  # light modes: builds ``swap`` when first needed (it is {} until then)
         self.layers = layers
         # light: adapted around the targeted modules' own calls (global module hooks), not op by op; see
         # _enter_light. Needs the model (whose module calls get the op-by-op mode when they need substitution).
@@ -142,7 +144,14 @@ class _Mode(TorchFunctionMode):
 
     def needs_ops(self) -> bool:
         """A light mode whose forwards must substitute tensors now (detached base weights under autograd)."""
-        return bool(self.swap) and not self.closed and torch.is_grad_enabled()
+        if self.closed or not torch.is_grad_enabled():
+            return False
+        self.own_weights_ready()
+        return bool(self.swap)
+
+    def own_weights_ready(self) -> None:
+        if self._own_weights is not None:
+            self.swap, self._own_weights = self._own_weights(), None
 
     def _entering(self, layer: Layer) -> None:
         """Checks at a targeted layer's product: this mode is still live, the weight kept its dtype, and
@@ -315,6 +324,7 @@ def _push_lights(owner: object) -> None:
     that ``owner`` pops again): for a module call that needs substitutions, or below a nested full mode."""
     lights = [m for m in _local.modes if m.light and id(m) not in _local.pushed]
     for m in lights:
+        m.own_weights_ready()
         TorchFunctionMode.__enter__(m)
         _local.pushed.add(id(m))
     _local.groups.append((owner, lights))
@@ -365,13 +375,15 @@ def mode(
     owner: str = "lf.call",
     training: Callable[[], bool] | None = None,
     model: nn.Module | None = None,
+    own_weights: Callable[[], dict[int, Tensor]] | None = None,
 ) -> _Mode:
     """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward and
     ``m.close()`` when the owning call or block ends. ``detach_only``: ``swap`` holds only detached
     copies of the model's own tensors (no ``base=`` values), so ops run without gradient skip the
     substitution. ``training``: whether the call trains (checked when a layer runs without gradient).
-    ``model``: a light mode (see ``_Mode.__enter__``) for this model; None: op by op."""
-    return _Mode(layers, swap, freeze, detach_only, owner, training, model)
+    ``model``: a light mode (see ``_Mode.__enter__``) for this model; None: op by op. ``own_weights``:
+    builds ``swap`` (then given as {}) when a light mode first needs it."""
+    return _Mode(layers, swap, freeze, detach_only, owner, training, model, own_weights)
 
 
 def close(m: _Mode) -> None:

@@ -260,13 +260,9 @@ def _planned_entries(
     Tied weights (``aliases``) are always checked anew."""
     if not isinstance(params, dict) or aliases or torch.compiler.is_compiling():
         return _entries(model, params, swap, aliases, batch_dims)
-    key = (id(params), batch_dims)
-    plans = _PLANS.get(model)
-    plan = None if plans is None else plans.get(key)
-    if plan is not None:
-        entries = _replay(plan, model, params)
-        if entries is not None:
-            return entries, plan.K
+    replayed = _replayed(model, params, batch_dims)
+    if replayed is not None:
+        return replayed
     entries, K = _entries(model, params, swap, aliases, batch_dims)
     rows = []
     for e in entries:
@@ -292,8 +288,18 @@ def _planned_entries(
     plans = _PLANS.setdefault(model, {})
     if len(plans) >= _PLANS_PER_MODEL:
         plans.clear()
-    plans[key] = _Plan(tuple(rows), K)
+    plans[(id(params), batch_dims)] = _Plan(tuple(rows), K)
     return entries, K
+
+
+def _replayed(model: nn.Module, params: Params, batch_dims: int) -> tuple[list[_Entry], int | None] | None:
+    """The remembered entries of (model, params), if nothing they were checked on has changed."""
+    plans = _PLANS.get(model) if isinstance(params, dict) and not torch.compiler.is_compiling() else None
+    plan = None if plans is None else plans.get((id(params), batch_dims))
+    if plan is None:
+        return None
+    entries = _replay(plan, model, params)
+    return None if entries is None else (entries, plan.K)
 
 
 def _replay(plan: _Plan, model: nn.Module, params: Params) -> list[_Entry] | None:
@@ -491,8 +497,15 @@ def _prepared(entries: list[_Entry]) -> list[_Entry]:
 
 
 def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True):
-    swap, aliases = _base.swap_map(model, base, freeze_base)
-    entries, K = _planned_entries(model, params, swap, aliases, batch_dims=0 if route is None else 1)
+    batch_dims = 0 if route is None else 1
+    # without gradient and base=, nothing is substituted unless a forward turns gradients on: a remembered plan
+    # needs no walk over the model's weights now (the mode makes the detached copies if it ever needs them)
+    replayed = _replayed(model, params, batch_dims) if base is None and route is None and not torch.is_grad_enabled() else None
+    if replayed is not None:
+        (entries, K), swap = replayed, None
+    else:
+        swap, aliases = _base.swap_map(model, base, freeze_base)
+        entries, K = _planned_entries(model, params, swap, aliases, batch_dims)
     if route is not None:
         route = _check_route(route, K)
     if key is not None:
@@ -515,12 +528,20 @@ def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True
         trains = lambda: model.training and _any_requires_grad(entries)
     else:
         trains = lambda: _any_requires_grad(entries)
+    own_weights = None if swap is not None else lambda: _base.swap_map(model, None, freeze_base)[0]
     return _inject.mode(
-        layers, swap, freeze_base, detach_only=base is None, owner=owner, training=trains, model=model if light else None
+        layers,
+        swap if swap is not None else {},
+        freeze_base,
+        detach_only=base is None,
+        owner=owner,
+        training=trains,
+        model=model if light else None,
+        own_weights=own_weights,
     )
 
 
-def _light(swap: dict, route, base, one_forward: bool) -> bool:
+def _light(swap: dict | None, route, base, one_forward: bool) -> bool:
     """Whether the adapters can act around the targeted layers' own module calls (one module hook per
     call) instead of through a mode that sees every op: nothing to substitute (no ``base=``; base weights
     detached only while autograd records, and then the mode is pushed for the model's calls), plain eager

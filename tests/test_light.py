@@ -89,9 +89,9 @@ def test_a_layer_the_forward_never_calls_is_reported(model):
     net = Direct()
     params = moved(lf.init(0, net, lf.LoRAConfig(r=2), targets=r"^proj$"))
     x = torch.randn(2, 4)
-    with torch.no_grad():  # light: the module is never called, so the call says so
-        with pytest.raises(RuntimeError, match=r"targeted layers \['proj'\] were never computed"):
-            lf.call(net, params, x)
+    # light (no gradient): the module is never called, so the call says so
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"targeted layers \['proj'\] were never computed"):
+        lf.call(net, params, x)
     out = lf.call(net, params, x)  # op by op (a training call): the weight's op is answered
     assert not torch.allclose(out, net(x))
 
@@ -120,3 +120,25 @@ def test_the_remembered_plan_sees_every_change(model):
         model.model.layers[0].self_attn.q_proj.weight.data = replacement.weight.double()  # a weight cast in place
         with pytest.raises(TypeError, match=r"dtype torch.float32 but the layer's weight is torch.float64"):
             lf.call(model, params, x)
+
+
+def test_a_forward_that_turns_gradients_on_inside_a_gradient_free_call_keeps_the_base_detached():
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            with torch.enable_grad():
+                return self.b(torch.tanh(self.a(x)))
+
+    net = Inner()
+    params = moved(lf.init(0, net, lf.LoRAConfig(r=2), targets=r"^a$"))
+    x = torch.randn(3, 4)
+    for _ in range(2):  # the second call replays the remembered plan (no weight walk until needed)
+        with torch.no_grad():
+            out = lf.call(net, params, x)
+        assert out.requires_grad
+        grads = torch.autograd.grad(out.sum(), [net.a.weight, net.b.weight, *lf.trainable(params)], allow_unused=True)
+        assert grads[0] is None and grads[1] is None  # the base weights were detached
+        assert all(g is not None for g in grads[2:])
