@@ -117,7 +117,8 @@ class _Mode(TorchFunctionMode):
             _install_module_hook()
 
     def __enter__(self):
-        _note_thread_starts()
+        if not torch.compiler.is_compiling():  # traced code starts no threads (and cannot take the lock)
+            _note_thread_starts()
         if self.light:  # registered on this thread only; module hooks adapt, and push it where ops need substitution
             _local.modes.append(self)
             return self

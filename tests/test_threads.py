@@ -150,3 +150,20 @@ def test_lf_call_needs_one_route_index_per_example(setup):
     x = tokens(2, 5)
     routed = lf.call(model, stacked, x, route=torch.tensor([1, 0])).logits
     torch.testing.assert_close(routed[0], lf.call(model, lf.unstack(stacked)[1], x[:1]).logits[0], rtol=0, atol=1e-5)
+
+
+def test_a_compiled_call_before_any_eager_one_in_a_fresh_process():
+    """torch.compile traces lf.call without ever taking the thread-start lock (which dynamo cannot trace)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lite_fn as lf\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "params = lf.init(0, model, lf.LoRAConfig(r=2), targets=r'^0$')\n"
+        "f = torch.compile(lambda p, x: lf.call(model, p, x), fullgraph=True)\n"
+        "x = torch.randn(3, 8)\n"
+        "assert torch.allclose(f(params, x), lf.call(model, params, x), atol=1e-6)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
