@@ -100,20 +100,23 @@ def launch_table(args) -> str:
         x = C.tokens(1, 8, 128, seed=2)
         number = 5 if args.quick else 50
 
-        def floor():
-            with _CallThrough():
-                model(x)
-
         tab = C.Table(["call", "base", "floor (call-through mode)", "peft", "lite_fn", "lite_fn / peft", "goal"])
         lines = []
-        for name, grad in (("forward, no grad", False), ("forward, grad", True)):
+        frozen = copy.deepcopy(model).requires_grad_(False)  # what peft does to its copy; lite_fn never does it itself
+        rows = (("forward, no grad", False, model), ("forward, grad", True, model), ("forward, grad, frozen base", True, frozen))
+        for name, grad, base in rows:
+
+            def floor(base=base):
+                with _CallThrough():
+                    base(x)
+
             with torch.set_grad_enabled(grad):
                 t = C.interleaved(
                     {
-                        "base": lambda: model(x),
+                        "base": lambda: base(x),
                         "floor": floor,
                         "peft": lambda: pm(x),
-                        "lite": lambda: lf.call(model, params, x),
+                        "lite": lambda: lf.call(base, params, x),
                     },
                     args.repeats,
                     number=number,
@@ -131,25 +134,6 @@ def launch_table(args) -> str:
                 f"{r:.2f}",
                 C.goal(r, "<=", 1.0),
             )
-        frozen = copy.deepcopy(model).requires_grad_(False)  # what peft does to its copy; lite_fn never does it itself
-        t = C.interleaved(
-            {"base": lambda: frozen(x), "floor": floor, "peft": lambda: pm(x), "lite": lambda: lf.call(frozen, params, x)},
-            args.repeats,
-            number=number,
-            clock=time.process_time,
-            verbose=False,
-        )
-        m = {k: v.median for k, v in t.items()}
-        r = m["lite"] / m["peft"]
-        tab.add(
-            "forward, grad, frozen base",
-            C.ms(m["base"]),
-            f"{C.ms(m['floor'])} ({m['floor'] / m['base']:.2f}x)",
-            f"{C.ms(m['peft'])} ({m['peft'] / m['base']:.2f}x)",
-            f"{C.ms(m['lite'])} ({m['lite'] / m['base']:.2f}x)",
-            f"{r:.2f}",
-            C.goal(r, "<=", 1.0),
-        )
         for name, base_model in (("train step", model), ("train step, frozen base", frozen)):
             lite_step = C.lite_train_step(base_model, params, C.causal_lm_loss(x))
             peft_step = C.peft_train_step(pm, C.causal_lm_loss(x))

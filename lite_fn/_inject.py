@@ -75,6 +75,13 @@ _CHECKPOINT_HINT = (
 
 
 class _Mode(TorchFunctionMode):
+    """One call's or block's adapters (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward and
+    ``close(m)`` when the owning call or block ends. ``detach_only``: ``swap`` holds only detached
+    copies of the model's own tensors (no ``base=`` values), so ops run without gradient skip the
+    substitution. ``training``: whether the call trains (checked when a layer runs without gradient).
+    ``model``: a light mode (see ``_Mode.__enter__``) for this model; None: op by op. ``own_weights``:
+    builds ``swap`` (then given as {}) when a light mode first needs it."""
+
     def __init__(
         self,
         layers: list[Layer],
@@ -90,7 +97,7 @@ class _Mode(TorchFunctionMode):
         self._own_weights = own_weights  # light modes: builds ``swap`` when first needed (it is {} until then)
         self.layers = layers
         # light: adapted around the targeted modules' own calls (global module hooks), not op by op; see
-        # _enter_light. Needs the model (whose module calls get the op-by-op mode when they need substitution).
+        # __enter__. Needs the model (whose module calls get the op-by-op mode when they need substitution).
         self.light = model is not None
         self.model = model
         self._module_ids: set[int] | None = None
@@ -368,23 +375,7 @@ def _install_module_hook() -> None:
             )
 
 
-def mode(
-    layers: list[Layer],
-    swap: dict[int, Tensor],
-    freeze: bool,
-    detach_only: bool = False,
-    owner: str = "lf.call",
-    training: Callable[[], bool] | None = None,
-    model: nn.Module | None = None,
-    own_weights: Callable[[], dict[int, Tensor]] | None = None,
-) -> _Mode:
-    """The mode to enter (``with mode(...) as m: model(...)``); ``m.missed()`` after the forward and
-    ``m.close()`` when the owning call or block ends. ``detach_only``: ``swap`` holds only detached
-    copies of the model's own tensors (no ``base=`` values), so ops run without gradient skip the
-    substitution. ``training``: whether the call trains (checked when a layer runs without gradient).
-    ``model``: a light mode (see ``_Mode.__enter__``) for this model; None: op by op. ``own_weights``:
-    builds ``swap`` (then given as {}) when a light mode first needs it."""
-    return _Mode(layers, swap, freeze, detach_only, owner, training, model, own_weights)
+mode = _Mode  # the mode to enter: ``with mode(layers, swap, freeze, ...) as m: model(...)`` (see _Mode)
 
 
 def close(m: _Mode) -> None:
