@@ -1,26 +1,30 @@
-"""How adapters reach a model without touching it: a ``TorchFunctionMode`` for one thread.
+"""How adapters reach a model without touching it: per-thread modes, on one of two paths.
 
-While the mode is active (``lf.call``, ``lf.applied``, calibration), every torch function call on
-this thread passes through ``_Mode.__torch_function__``:
+A mode (``lf.call``, ``lf.applied``, calibration) is registered for the calling thread only.
 
-- when a targeted layer's *current* weight reaches that layer kind's operation (``F.linear`` for
-  nn.Linear, ``torch.addmm`` for GPT-2's Conv1D, see ``_layers``), the call is answered by the
-  layer's handler (the variant's ``apply``, or a calibration statistic) instead;
-- every other call gets its arguments substituted: a model tensor listed in ``swap`` (the
-  detached base weights, or the ``base=`` weights of a stateless model) is replaced by its value.
+- *Light* (``_Mode.light``: no ``base=``, no route, eager code, and no autograd through trainable base
+  weights): the mode is not on torch's stack. One process-wide module forward hook (torch's
+  ``register_module_forward_hook``, installed the first time and kept) looks up the calling thread's
+  modes and, if one targets the module just called, returns the handler's output with a
+  ``_layers.QuantizedWeight`` whose product for the module's own input is the output the layer just
+  computed (nothing computed twice). A forward pre-hook pushes a light mode onto torch's stack for
+  exactly those of its model's calls that record gradients through trainable base weights, and a
+  nested full mode pushes the light ones below it first, so the order of nesting is kept.
+- *Op by op* (otherwise, and for module kinds' substitutions): the mode is a ``TorchFunctionMode`` on
+  torch's stack and every torch function call on this thread passes through
+  ``_Mode.__torch_function__``: when a targeted layer's *current* weight reaches that layer kind's
+  operation (``F.linear`` for nn.Linear, ``torch.addmm`` for GPT-2's Conv1D, see ``_layers``), the call
+  is answered by the layer's handler (the variant's ``apply``, or a calibration statistic); every
+  other call gets its arguments substituted: a model tensor listed in ``swap`` (the detached base
+  weights, or the ``base=`` weights of a stateless model) is replaced by its value.
 
 Nothing is assigned to any module, so concurrent calls on one shared model from many threads are
-each exact (torch keeps the mode stack per thread), nested calls compose (the inner mode is on top
-and hands every call it does not answer to the outer one), hooks installed by other libraries
-(accelerate's instance ``forward``, FSDP2's parameter swaps) run as they are, and an exception
-leaves nothing behind. The weight is looked up on the module at the moment of the call, so a
-wrapper that swaps it for an unsharded or on-device copy during the forward still matches.
-Module kinds (bitsandbytes' quantized layers: their packed weight never reaches a plain op) are
-adapted around the module's own call instead: one process-wide forward hook (torch's
-``register_module_forward_hook``), installed the first time such a layer is adapted, looks up the
-calling thread's active modes and, if one targets the module, returns the handler's output with a
-``_layers.QuantizedWeight`` whose product for the module's own input is the output the layer just
-computed. On every other module and thread the hook returns at once.
+each exact, nested calls compose (the innermost answers a layer both target and hands on every call
+it does not answer), hooks installed by other libraries (accelerate's instance ``forward``, FSDP2's
+parameter swaps) run as they are, and an exception leaves nothing behind. The weight is looked up on
+the module at the moment of the call, so a wrapper that swaps it for an unsharded or on-device copy
+during the forward still matches. Module kinds (bitsandbytes' quantized layers: their packed weight
+never reaches a plain op) are always adapted around the module's own call, by the same hook.
 
 Threads: a thread started (``threading.Thread.start``) while modes are active on this thread runs
 inside the same modes for its whole run (lite_fn wraps ``Thread.start`` once, the first time a mode
@@ -33,9 +37,9 @@ re-enters the forward's modes for the recompute. A targeted layer computed insid
 checkpoint without it, or with gradients off inside a training call (reentrant checkpointing's
 forward), raises: its adapters would otherwise get no gradient.
 
-Limits: a layer is recognised only through its kind's operation on its own weight (or its own
-call, for module kinds); a targeted layer that the forward never computes that way is reported
-after the call (``missed``), never skipped silently.
+Limits: a layer is recognised only through its kind's operation on its own weight (op by op) or its
+own module call (light path, module kinds); a targeted layer that the forward never computes that
+way is reported after the call (``missed``), never skipped silently.
 """
 
 from __future__ import annotations
@@ -308,10 +312,6 @@ class _ThreadModes(threading.local):
 _local = _ThreadModes()
 _hook_lock = threading.Lock()
 _hook_handle = None
-
-
-def _active_modes() -> list[_Mode]:
-    return _local.modes
 
 
 def _module_hook(module: nn.Module, args: tuple, output):

@@ -266,7 +266,7 @@ def _planned_entries(
     entries, K = _entries(model, params, swap, aliases, batch_dims)
     rows = []
     for e in entries:
-        (by_variant,) = [params[e.path]]
+        by_variant = params[e.path]
         w = e.module.weight
         if not isinstance(w, Tensor):
             return entries, K
@@ -520,7 +520,7 @@ def _prepare(model, params, route, freeze_base, base, key=None, one_forward=True
     segments = None if route is None or K is None else _segments(route, K)
     light = _light(swap, route, base, one_forward)
     layers = [
-        _inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments, light), _weight_dtype(e.module))
+        _inject.Layer(e.path, e.module, e.kind, _applying(e, route, key, segments, light), _float_weight_dtype(e.module))
         for e in entries
     ]
     owner = "lf.call" if one_forward else "lf.applied"
@@ -553,7 +553,7 @@ def _light(swap: dict | None, route, base, one_forward: bool) -> bool:
     return not (one_forward and swap and torch.is_grad_enabled())  # a training call: op by op from the start
 
 
-def _weight_dtype(module: nn.Module) -> torch.dtype | None:
+def _float_weight_dtype(module: nn.Module) -> torch.dtype | None:
     w = getattr(module, "weight", None)
     return w.dtype if isinstance(w, Tensor) and w.is_floating_point() else None
 
