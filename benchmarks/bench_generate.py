@@ -167,7 +167,7 @@ def main():
     small = C.llama(hidden=128 if args.quick else 256, layers=2 if args.quick else 4, attn="eager")
     bench_model("benchmark Llama", small, 16, new_tokens, [4] if args.quick else [4, 16], args, tab, steer_tab, agreement)
     if not args.quick and not args.no_smollm2:
-        from lite_fn.demo_steer import load_llm
+        from lite_fn.demo.steer import load_llm
 
         model, _, _ = load_llm()
         bench_model("SmolLM2-135M-Instruct", model, 16, new_tokens, [4, 16], args, tab, steer_tab, agreement)

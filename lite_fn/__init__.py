@@ -11,6 +11,7 @@ from . import linalg, train, variants
 from ._contract import Stat, Variant, VariantSpec
 from ._inject import checkpoint_context
 from ._keys import fold_in, split
+from ._version import __version__ as __version__
 from .adapted import Adapted
 from .io import check_against, load, load_metadata, save
 from .peft_io import load_peft, save_peft
@@ -28,8 +29,6 @@ from .variants.ia3_ff import IA3FFConfig
 from .variants.lora import LoRAConfig
 from .variants.pissa import PiSSAConfig
 from .variants.road import ROADConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",

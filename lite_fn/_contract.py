@@ -1,16 +1,24 @@
-"""The variant contract as types: what a variant and a calibration statistic provide.
+"""The variant contract as types — its one description: what a variant, a calibration statistic and a
+variant's peft mapping provide.
 
-A variant is anything with these members — one module per variant under ``lite_fn/variants/``, or a
-user's own module or object registered with ``lf.register_variant``. The registry turns it into a
-``VariantSpec`` whose optional hooks are ``None`` when absent, so the runtime asks "is there a
-statistic?" as ``spec.stat is not None``, never with ``hasattr``.
+A variant is anything with the members of ``Variant`` (required) and of ``VariantSpec`` (optional) —
+one module per variant under ``lite_fn/variants/``, or a user's own module or object registered with
+``lf.register_variant``. The registry turns it into a ``VariantSpec`` whose optional hooks are
+``None`` when absent, so the runtime asks "is there a statistic?" as ``spec.stat is not None``,
+never with ``hasattr``; nothing outside ``lite_fn/variants/`` branches on a variant's name.
+
+A variant that peft can also express carries its mapping as ``PEFT = PeftCodec(...)``: which peft type
+it reads and writes (a ``PeftFormat``, owned by the variant file that defines that type: LORA by
+``lora.py``), how one layer's stored tensors become its leaves and back. The peft room
+(``lite_fn/peft_io``) loops over the registry and knows no variant by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -47,6 +55,94 @@ class Variant(Protocol):
     def shapes(self, leaves: Shapes, d_out: int, d_in: int) -> Shapes: ...
 
 
+# ----------------------------------------------------------------------------- peft mapping (optional)
+class PeftConfig(Protocol):
+    """What a codec reads of a peft ``adapter_config.json`` (the peft room implements it)."""
+
+    fields: Mapping[str, Any]  # the JSON object as stored
+    where: str  # "peft config '<file>'", for messages
+    file: str  # the weights file, for messages
+
+    def get(self, field: str, default: Any = None) -> Any: ...
+
+    def per_path(self, pattern: str, field: str, default: Any, path: str) -> Any:
+        """``fields[pattern]``'s value for ``path`` under peft's get_pattern_key (e.g. rank_pattern), else
+        ``fields[field]`` (e.g. r), else ``default``."""
+        ...
+
+    def rank(self, path: str, found: int, what: str) -> int:
+        """``found`` (a stored tensor's rank) if it equals the config's rank for ``path`` (rank_pattern,
+        else r), else a ValueError naming both."""
+        ...
+
+
+class PeftWriter(Protocol):
+    """What a format's ``config`` may use when writing (the peft room implements it)."""
+
+    def pattern(self, wanted: Mapping[str, Any], default: Any) -> dict[str, Any]:
+        """A peft ``*_pattern`` dict giving ``wanted[path]`` for every path, ``default`` elsewhere."""
+        ...
+
+    def number(self, x: float) -> float | int:
+        """``x`` as the config number a float32 leaf came from (7 significant digits; int when integral)."""
+        ...
+
+
+class PeftLayer(NamedTuple):
+    """One targeted module, as a codec reads or writes it."""
+
+    path: str  # the module path in the model
+    kind: str  # the layer kind's name ("Linear", "Conv1D", …)
+    W: Tensor  # its weight as (d_out, d_in)
+    tensors: dict[str, Tensor]  # reading: the stored tensors by suffix ("lora_A.weight", …); writing: {}
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """One peft type's on-disk form: its config fields and tensor names, shared by the variants that read
+    or write it (defined once, in the file of the variant the type is named after).
+
+    ``fields``: the config fields this type's codecs read; ``ignores``: fields that do not change what
+    the adapter computes in eval mode (training-only, or initial values the file overrides); ``refuses``:
+    fields that lite_fn cannot reproduce when set, with the reason. Any other set field is refused too
+    (a newer peft). ``check(cfg)`` validates the whole config at load; ``config(layers, facts, writer)``
+    gives the type's config fields for the layers a save writes (``facts``: what each codec's ``write``
+    reported per layer)."""
+
+    peft_type: str  # "LORA"
+    suffixes: tuple[str, ...]  # every tensor-name suffix a file of this type may hold
+    fields: frozenset[str]
+    config: Callable[[list[PeftLayer], list[dict], PeftWriter], dict]
+    ignores: frozenset[str] = frozenset()
+    refuses: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # stored suffix -> the name codecs see
+    refuses_kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer kind -> why peft cannot adapt it
+    check: Callable[[PeftConfig], object] = lambda cfg: None  # raises on a config it refuses; the result is unused
+
+
+@dataclass(frozen=True)
+class PeftCodec:
+    """A variant's peft mapping (its optional ``PEFT`` member).
+
+    ``claims(cfg, path)``: whether this variant is what a layer of such a file loads as (exactly one
+    registered codec of the type must claim each layer); ``None`` for a variant that peft writes but
+    never reads back as itself (EVA, AntiPaSTO: written as LoRA). ``tensors(cfg)``: the suffixes one
+    layer holds, exactly. ``read(cfg, layer)``: the stored tensors -> leaves (any dtype: the room
+    casts them to the layer weight's). ``write(leaves, layer)``: leaves -> (tensors by suffix, facts
+    for the format's ``config``). Variants with the same ``format`` and ``group`` can share one file."""
+
+    format: PeftFormat
+    write: Callable[[Leaves, PeftLayer], tuple[dict[str, Tensor], dict]]
+    group: str = ""  # default: format.peft_type
+    claims: Callable[[PeftConfig, str], bool] | None = None
+    tensors: Callable[[PeftConfig], tuple[str, ...]] = lambda cfg: ()
+    read: Callable[[PeftConfig, PeftLayer], Leaves] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.group or self.format.peft_type
+
+
 REQUIRED = ("NAME", "TRAINABLE", "Config", "init", "apply", "shapes")
 
 
@@ -73,6 +169,7 @@ class VariantSpec:
                                          per-call weight math done for all layers at once); ``apply``
                                          must give the same result with or without them (lf.applied
                                          skips it: its block runs many forwards while leaves may change)
+        PEFT: PeftCodec                  the variant's peft mapping (lf.load_peft / lf.save_peft)
     """
 
     NAME: str
@@ -88,6 +185,7 @@ class VariantSpec:
     pad: Callable[[str, dict, int, Callable], dict] | None = None
     apply_runs: Callable[..., Tensor] | None = None
     prepare: Callable[[dict[str, Leaves]], dict[str, Leaves]] | None = None
+    PEFT: PeftCodec | None = None
     source: Any = None  # the module or object it was built from
 
     @classmethod
@@ -110,9 +208,14 @@ class VariantSpec:
         trainable = variant.TRAINABLE
         if not isinstance(trainable, (set, frozenset)) or not all(isinstance(t, str) for t in trainable):
             raise TypeError(f"{variant.NAME}: TRAINABLE must be a frozenset of leaf names, got {trainable!r}")
+        codec = getattr(variant, "PEFT", None)
+        if codec is not None and not isinstance(codec, PeftCodec):
+            raise TypeError(
+                f"{variant.NAME}: PEFT must be a lite_fn._contract.PeftCodec (its peft mapping), got {type(codec).__name__}"
+            )
         optional = {
             k: getattr(variant, k)
-            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs", "prepare")
+            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs", "prepare", "PEFT")
             if hasattr(variant, k)
         }
         return cls(

@@ -43,7 +43,7 @@ def _is_plain_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
-def _is_conv1d(m: nn.Module) -> bool:
+def is_conv1d(m: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D (y = x W + b, weight stored (d_in, d_out)); matched by duck type
     # so that transformers stays a test-only dependency.
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
@@ -141,7 +141,7 @@ KINDS: tuple[LayerKind, ...] = (
         _product_linear,
         _weight_dtype,
     ),
-    LayerKind("Conv1D", _is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W: W.T, _product_conv1d, _weight_dtype),
+    LayerKind("Conv1D", is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W: W.T, _product_conv1d, _weight_dtype),
     LayerKind(
         "bitsandbytes Linear4bit",
         _is_bnb("Linear4bit"),

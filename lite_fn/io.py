@@ -11,13 +11,9 @@ Files are written and parsed by the ``safetensors`` package (``safetensors.torch
   sorted key order, its key, dtype code (``F32``, …), shape and little-endian raw bytes; each
   field is fed as an 8-byte little-endian length followed by its bytes (see ``_checksum``).
 
-Writing: ``safetensors.torch.save`` to bytes, then a temp file
-``.{name}.{pid}.{random}.lite_fn-tmp`` next to the resolved target (a symlink is followed and kept),
-write + flush + fsync, ``os.replace``, fsync of the directory. The new file gets the old file's
-mode, or ``0o666 & ~umask`` when new. Temp files of the same target left by writers that are no
-longer alive on this machine (``os.kill(pid, 0)`` fails with ProcessLookupError) are removed first;
-those of live writers are never touched (liveness is judged on this machine: a writer on another
-host sharing the directory may lose its temp file, and then its save fails; the file stays whole).
+Writing: ``safetensors.torch.save`` to bytes, then ``_fs.replace_file`` (temp file next to the resolved
+target, fsync, ``os.replace``; a symlink is followed and kept; the new file gets the old file's mode, or
+``0o666 & ~umask`` when new; temp files of killed writers are removed first — see ``lite_fn/_fs.py``).
 
 Loading refuses anything but a regular file before opening it, parses with ``safetensors``,
 checks the header layout (no overlapping, missing or trailing bytes), the metadata and the
@@ -29,29 +25,22 @@ the model (``check_against``) and all problems are reported together.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import errno
 import hashlib
 import json
 import os
-import re
-import secrets
 import stat
 import sys
-import threading
 import warnings
 
 import torch
 
-from . import _checks, trees, variants
+from . import _checks, _fs, trees, variants
 
 _FORMAT = "lite_fn/1"
 _CHECKSUM = "sha256"
 _REQUIRED = ("format", "lite_fn_version", "layers", "keys", _CHECKSUM)
-_TMP_SUFFIX = ".lite_fn-tmp"
-_TMP_NAME_MAX = 200  # characters of the target's name kept in a temp name (NAME_MAX is 255)
 
 # safetensors dtype codes of the dtypes lite_fn stores (the checksum names dtypes by these codes)
 _DTYPES = {
@@ -133,98 +122,6 @@ def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- save
-def _umask() -> int:
-    """The process umask, read without changing it (Linux: /proc/self/status); elsewhere set and
-    restored under a lock (other threads creating files meanwhile could see umask 0o22)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with _UMASK_LOCK:
-        old = os.umask(0o022)
-        os.umask(old)
-    return old
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def _tmp_pattern(base: str) -> re.Pattern:
-    return re.compile(re.escape(f".{base[:_TMP_NAME_MAX]}.") + r"(\d+)\.[0-9a-f]+" + re.escape(_TMP_SUFFIX))
-
-
-def _pid_alive(pid: int) -> bool:
-    """False only when no process ``pid`` exists on this machine; any doubt counts as alive."""
-    if pid == os.getpid():
-        return True  # another thread of this process may be writing it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError, ValueError):
-        return True  # e.g. PermissionError: it exists but belongs to another user
-    return True
-
-
-def _dead_writers_temps(folder: str, base: str) -> list[str]:
-    """Paths of ``base``'s temp entries in ``folder`` whose writer process is dead (killed mid-save)."""
-    if os.name != "posix":
-        return []  # os.kill(pid, 0) is not a liveness probe on Windows
-    pattern = _tmp_pattern(base)
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    return [
-        os.path.join(folder, name)
-        for name in names
-        if (m := pattern.fullmatch(name)) is not None and not _pid_alive(int(m.group(1)))
-    ]
-
-
-def _remove_stale_temps(folder: str, base: str) -> None:
-    """Delete temp files of ``base`` in ``folder`` whose writer process is dead (killed writers)."""
-    for tmp in _dead_writers_temps(folder, base):
-        try:
-            if stat.S_ISREG(os.lstat(tmp).st_mode):
-                os.unlink(tmp)
-        except OSError:
-            pass  # best effort: gone already, or not ours to delete
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _fsync_dir(folder: str) -> None:
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _flatten(params) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(tensors by key, keys metadata, layers variant names) of a params tree, validated."""
     if not isinstance(params, dict):
@@ -268,6 +165,7 @@ def _flatten(params) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return tensors, entries, names
 
 
+# ----------------------------------------------------------------------------- save
 def save(path: str | os.PathLike, params: dict, *, config=None) -> None:
     """Write ``params`` to ``path``: a safetensors file (never pickle) with JSON metadata and a checksum.
 
@@ -295,7 +193,7 @@ def save(path: str | os.PathLike, params: dict, *, config=None) -> None:
     """
     from safetensors.torch import save as st_save
 
-    from . import __version__
+    from ._version import __version__
 
     tensors, entries, names = _flatten(params)
     cfgs = _configs_by_path(params, config)
@@ -307,40 +205,22 @@ def save(path: str | os.PathLike, params: dict, *, config=None) -> None:
 
     shown = os.fspath(path)
     target = os.path.realpath(shown)
-    folder, base = os.path.split(target)
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save to {shown!r}: directory {folder!r} does not exist; create it first (os.makedirs)")
     try:
         info = os.stat(target)
     except FileNotFoundError:
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~_fs.umask()
     else:
         if not stat.S_ISREG(info.st_mode):
             via = f" (the symlink's target {target!r})" if target != os.path.abspath(shown) else ""
             raise ValueError(
-                f"cannot save to {shown!r}{via}: it is {_file_kind(info.st_mode)}, not a regular file; "
+                f"cannot save to {shown!r}{via}: it is {_fs.file_kind(info.st_mode)}, not a regular file; "
                 f"pass a file path such as {os.path.join(shown, 'adapter.safetensors')!r}"
             )
         mode = stat.S_IMODE(info.st_mode)
-
-    _remove_stale_temps(folder, base)
-    tmp = os.path.join(folder, f".{base[:_TMP_NAME_MAX]}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), mode)
-            else:
-                os.chmod(tmp, mode)
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    _fs.replace_file(target, blob, mode)
 
 
 # ----------------------------------------------------------------------------- load
@@ -350,41 +230,13 @@ def _read_bytes(path) -> tuple[str, bytes]:
     if isinstance(shown, bytes):
         shown = os.fsdecode(shown)
     try:
-        info = os.stat(shown)
+        return shown, _fs.read_regular(shown)
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no checkpoint at {shown!r}; save one with lf.save(path, params)") from None
-    if not stat.S_ISREG(info.st_mode):
+    except _fs.NotAFile as e:
         raise ValueError(
-            f"{shown!r} is {_file_kind(info.st_mode)}, not a checkpoint file; pass the path of a "
-            f".safetensors file written by lf.save"
-        )
-    # O_NONBLOCK: should the path have become a FIFO since the stat, opening it must not hang
-    fd = os.open(shown, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(
-                f"{shown!r} is {_file_kind(info.st_mode)}, not a checkpoint file; pass the path of a "
-                f".safetensors file written by lf.save"
-            )
-        return shown, f.read()
-
-
-def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate JSON key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json(text: str):
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+            f"{shown!r} is {e.kind}, not a checkpoint file; pass the path of a .safetensors file written by lf.save"
+        ) from None
 
 
 def _header(shown: str, blob: bytes) -> tuple[dict, dict[str, str]]:
@@ -406,7 +258,7 @@ def _header(shown: str, blob: bytes) -> tuple[dict, dict[str, str]]:
     except UnicodeDecodeError as e:
         raise _Damaged(f"{shown!r} has a corrupt safetensors header: not UTF-8 ({e}); the file is damaged") from None
     try:
-        header = _json(text)
+        header = _fs.strict_json(text)
     except (ValueError, RecursionError) as e:
         raise _Damaged(f"{shown!r} has a corrupt safetensors header: not valid JSON ({e}); the file is damaged") from None
     if not isinstance(header, dict):
@@ -478,8 +330,8 @@ def _check_layout(shown: str, blob: bytes, header: dict, tensors: dict[str, torc
 
 def _keys_and_layers(shown: str, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     try:
-        keys = _json(meta["keys"])
-        layers = _json(meta["layers"])
+        keys = _fs.strict_json(meta["keys"])
+        layers = _fs.strict_json(meta["layers"])
     except (ValueError, RecursionError) as e:
         raise _Damaged(f"{shown!r} has corrupt metadata: 'keys'/'layers' is not valid JSON ({e}); the file is damaged") from None
     if not isinstance(keys, dict) or not isinstance(layers, dict):

@@ -74,7 +74,7 @@ def add_product(y: Tensor, h: Tensor, M: Tensor) -> Tensor:
     needs a linear layer's output). In place only on ``y`` itself when autograd records: writing
     through a reshaping view of it would make backward copy the whole output, so an N-d ``y`` then
     gets one fused out-of-place product (the runtime hands variants row matrices, see
-    ``runtime._rows``). Out of place under ``torch.compile`` (inductor fuses the add itself), under
+    ``_call_mode.row_handler``). Out of place under ``torch.compile`` (inductor fuses the add itself), under
     ``grad``/nested transforms and when ``y`` is not batched but the product is.
     """
     stacked = M.ndim == 3

@@ -88,7 +88,7 @@ def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
             )
         return torch.stack([x.detach() for x in xs])
 
-    return _declared(tree_map(stack_leaf, *params_list))
+    return declared(tree_map(stack_leaf, *params_list))
 
 
 def _padded(params_list: list[Params]) -> list[Params]:
@@ -172,7 +172,7 @@ def unstack(stacked: Params) -> list[Params]:
             f"leading adapter axis K on every leaf"
         )
     K = leaves[0].shape[0]
-    return [_declared(tree_map(lambda v: v[k].detach().clone(), stacked)) for k in range(K)]
+    return [declared(tree_map(lambda v: v[k].detach().clone(), stacked)) for k in range(K)]
 
 
 def with_alpha(params: Params, alpha: float | Tensor) -> Params:
@@ -230,7 +230,7 @@ def is_trainable(variant_name: str, leaf: str) -> bool:
     return leaf in variants.get(variant_name).TRAINABLE
 
 
-def _declared(params: Params) -> Params:
+def declared(params: Params) -> Params:
     """``params`` with ``requires_grad`` set on each leaf from its variant's declaration (in place)."""
     for by_variant in params.values():
         for name, leaves in by_variant.items():

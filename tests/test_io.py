@@ -21,6 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import lite_fn as lf
+from lite_fn import _fs
 from lite_fn import io as lio
 
 CASES = all_cases()
@@ -570,8 +571,8 @@ def test_new_file_mode_respects_umask_and_existing_mode_is_kept(tmp_path, monkey
         lf.save(g, lora())
         assert stat.S_IMODE(g.stat().st_mode) == 0o664
         # without /proc the umask is read by setting and restoring it
-        monkeypatch.setattr(lio, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
-        assert lio._umask() == 0o002 and os.umask(0o002) == 0o002
+        monkeypatch.setattr(_fs, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
+        assert _fs.umask() == 0o002 and os.umask(0o002) == 0o002
     finally:
         os.umask(old)
 

@@ -415,9 +415,9 @@ def test_save_replaces_an_adapter_directory_atomically(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temp directory left behind
     stale = tmp_path / ".adapter.999999999.0a1b2c.lite_fn-tmp"  # a killed writer's temp directory (no such pid)
     stale.mkdir()
-    from lite_fn import peft_io
+    from lite_fn import _fs
 
-    monkeypatch.setattr(peft_io, "_exchange", lambda a, b: False)  # no renameat2: move aside, then in
+    monkeypatch.setattr(_fs, "exchange", lambda a, b: False)  # no renameat2: move aside, then in
     lf.save_peft(target, p1, model=base)
     assert config_of(target)["peft_type"] == "LORA"
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
@@ -515,7 +515,7 @@ def test_load_refuses_edited_configs_naming_the_field(fields, match, tmp_path):
 def test_load_refuses_other_peft_types_and_hra_gram_schmidt(tmp_path):
     base = tiny("llama")
     d = saved(moved_peft(base, peft.LoKrConfig(r=4, target_modules=["q_proj"])), tmp_path, "lokr")
-    with pytest.raises(ValueError, match=r"peft_type='LOKR'; lite_fn reads \['LORA', 'IA3', 'HRA', 'DELORA', 'ROAD'\]"):
+    with pytest.raises(ValueError, match=r"peft_type='LOKR'; lite_fn reads \['DELORA', 'HRA', 'IA3', 'LORA', 'ROAD'\]"):
         lf.load_peft(d, model=base)
     d = saved(moved_peft(base, peft.HRAConfig(r=4, target_modules=["q_proj"])), tmp_path, "hra")
     edit_config(d, apply_GS=True)

@@ -46,10 +46,12 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
-from . import _padding
+from .._contract import PeftCodec, PeftLayer
+from . import _padding, lora
 
 __all__ = [
     "NAME",
+    "PEFT",
     "STEERING_LEAF",
     "TRAINABLE",
     "AntiPaSTOConfig",
@@ -315,3 +317,33 @@ def _block_step(p: Tensor, params: dict[str, Tensor], dtype: torch.dtype) -> Ten
     scalar = (..., None, None, None)  # α, θ_max (...,) against the blocks (..., n, bs, bs)
     bs = params["S"].shape[-1] // p.shape[-2]
     return linalg.block_diag(_rotation_step(p, params["alpha"][scalar], params["max_angle"][scalar], bs, dtype))
+
+
+# ----------------------------------------------------------------------------- peft: written as LoRA
+# peft has no AntiPaSTO; save_peft writes the LoRA that equals it exactly at its current alpha:
+#     ΔW = U'S'V'ᵀ − USVᵀ,
+# rank r when only one side rotates (U·(S'V'ᵀ − SVᵀ), or (U'S' − US)·Vᵀ), else 2r
+# ([U'S' − US, US]·[V', V' − V]ᵀ), computed in float64 from differences that are exactly 0 at alpha = 0
+# (R = I, S' = S bit for bit), so the export of an unsteered adapter is exactly the base model and no two
+# large terms cancel near alpha = 0.
+def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
+    p = {k: v.detach().to(torch.float64) for k, v in leaves.items()}
+    U, S, V, alpha = p["U"], p["S"], p["V"], p["alpha"]
+    S2 = S + alpha * p["delta_s"]
+    r = S.shape[-1]
+
+    def rotated(M: Tensor, rot: str) -> Tensor:  # M · blockdiag(R), the variant's own rotation
+        return M if rot not in p else linalg.block_rotate(M, rotation(p[rot], alpha, p["max_angle"], r // p[rot].shape[-2]))
+
+    V2, U2 = rotated(V, "rot_v"), rotated(U, "rot_u")
+    if "rot_u" not in p:  # U' = U: ΔW = U (S'V'ᵀ − SVᵀ)
+        B, A = U, S2[:, None] * V2.T - S[:, None] * V.T
+    elif "rot_v" not in p:  # V' = V: ΔW = (U'S' − US) Vᵀ
+        B, A = U2 * S2 - U * S, V.T
+    else:  # ΔW = (U'S' − US) V'ᵀ + US (V' − V)ᵀ = [U'S' − US, US] · [V'ᵀ; (V' − V)ᵀ]
+        B, A = torch.cat([U2 * S2 - U * S, U * S], dim=1), torch.cat([V2.T, (V2 - V).T], dim=0)
+    dtype = layer.W.dtype
+    return lora.peft_lowrank(A.to(dtype).contiguous(), B.to(dtype).contiguous(), 1.0, layer.path)
+
+
+PEFT = PeftCodec(format=lora.PEFT_LORA, write=_peft_write)

@@ -19,6 +19,7 @@ could never start (SPEC §4). Not here: peft's module_dropout.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,10 +27,12 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
 from . import _padding
 
 __all__ = [
     "NAME",
+    "PEFT",
     "TRAINABLE",
     "Config",
     "DeLoRAConfig",
@@ -100,3 +103,61 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     # (x ⊙ ‖W‖_col) Aᵀ computed as x (A ⊙ ‖W‖_col)ᵀ: the scaling touches r × d_in numbers, not every token
     h = torch.nn.functional.linear(x, A * params["wnorm"]) * ((lam / A.shape[-2]) / (A_norm * B_norm))
     return linalg.linear_add(x, W, b, h, B)
+
+
+# ----------------------------------------------------------------------------- peft: the DELORA type
+# Tensors per targeted module: delora_A (r, d_in), delora_B (d_out, r), delora_lambda (1,), delora_w_norm
+# (d_in,) = A, B, lam (), wnorm. Per-layer rank: rank_pattern.
+_TENSORS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
+
+
+def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    t = layer.tensors
+    A, lam = t["delora_A"], t["delora_lambda"]
+    if A.ndim != 2:
+        raise ValueError(f"{cfg.file!r}: {layer.path}.delora_A has shape {tuple(A.shape)}, expected (r, d_in)")
+    cfg.rank(layer.path, A.shape[0], "delora_A")
+    if lam.numel() != 1:
+        raise ValueError(f"{cfg.file!r}: {layer.path}.delora_lambda has shape {tuple(lam.shape)}, expected (1,)")
+    return {"A": A, "B": t["delora_B"], "lam": lam.reshape(()), "wnorm": t["delora_w_norm"]}
+
+
+def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
+    tensors = {
+        "delora_A": leaves["A"].detach(),
+        "delora_B": leaves["B"].detach(),
+        "delora_lambda": leaves["lam"].detach().reshape(1),
+        "delora_w_norm": leaves["wnorm"].detach(),
+    }
+    return tensors, {"r": leaves["A"].shape[0], "lam": float(leaves["lam"].detach())}
+
+
+def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter) -> dict:
+    ranks = {layer.path: f["r"] for layer, f in zip(layers, facts)}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    return {
+        "exclude_modules": None,
+        "r": r,
+        "rank_pattern": writer.pattern(ranks, r),
+        "delora_lambda": Counter(writer.number(f["lam"]) for f in facts).most_common(1)[0][0],
+        "lambda_pattern": {},
+        "module_dropout": 0.0,
+        "bias": "none",
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+PEFT_DELORA = PeftFormat(
+    peft_type="DELORA",
+    suffixes=_TENSORS,
+    fields=frozenset({"r", "rank_pattern", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "bias"}),
+    # initial values the file overrides, and dropout (training only)
+    ignores=frozenset({"init_weights", "delora_lambda", "lambda_pattern", "module_dropout"}),
+    refuses_kinds={"Conv1D": "peft's DELORA adapts torch.nn.Linear only"},
+    config=_peft_config,
+)
+
+PEFT = PeftCodec(
+    format=PEFT_DELORA, claims=lambda cfg, path: True, tensors=lambda cfg: _TENSORS, read=_peft_read, write=_peft_write
+)

@@ -30,12 +30,14 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from .._contract import PeftCodec, PeftConfig, PeftLayer
 from . import _padding
-from .lora import LoRAConfig, delta, dropped, init_factors, linear_delta
+from .lora import PEFT_LORA, LoRAConfig, delta, dropped, init_factors, linear_delta, peft_factors, peft_lowrank
 from .lora import shapes as lora_shapes
 
 __all__ = [
     "NAME",
+    "PEFT",
     "TRAINABLE",
     "Config",
     "DoRAConfig",
@@ -106,3 +108,27 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     y = linear_delta(x, W, None, params, x)  # x (W + s·BA)ᵀ, (..., d_out)
     y = g * y
     return y if b is None else y + b
+
+
+# ----------------------------------------------------------------------------- peft: LORA with use_dora
+# lora_A.weight, lora_B.weight as LoRA, and lora_magnitude_vector (d_out,) = m.
+_DORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+
+def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    return {**peft_factors(cfg, layer), "m": layer.tensors["lora_magnitude_vector"]}
+
+
+def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
+    tensors, facts = peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer.path, use_dora=True)
+    return {**tensors, "lora_magnitude_vector": leaves["m"].detach()}, facts
+
+
+PEFT = PeftCodec(
+    format=PEFT_LORA,
+    group="LORA (use_dora)",  # one peft LoRA file is DoRA on all its layers or on none
+    claims=lambda cfg, path: bool(cfg.get("use_dora")),
+    tensors=lambda cfg: _DORA_TENSORS,
+    read=_peft_read,
+    write=_peft_write,
+)

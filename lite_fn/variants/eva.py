@@ -48,11 +48,12 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys
-from .._contract import never_random
+from .._contract import PeftCodec, never_random
 from . import _padding, lora
 
 __all__ = [
     "NAME",
+    "PEFT",
     "TRAINABLE",
     "Config",
     "EVAConfig",
@@ -259,3 +260,8 @@ def plan(
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "eva.apply")
     return lora.linear_delta(x, W, b, params, lora.dropped(params, x, noise))
+
+
+# peft: written as plain LoRA (its init is data-driven; the adapter itself is A, B, scale). peft's EVA files
+# are plain LoRA too, so they read back as lora.
+PEFT = PeftCodec(format=lora.PEFT_LORA, write=lora.PEFT.write)

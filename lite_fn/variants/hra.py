@@ -27,10 +27,12 @@ from einops import repeat
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
 from . import _padding
 
 __all__ = [
     "NAME",
+    "PEFT",
     "TRAINABLE",
     "Config",
     "HRAConfig",
@@ -93,3 +95,53 @@ def pad(path: str, present: dict, K: int, own) -> NoReturn:
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "hra.apply")
     return torch.nn.functional.linear(linalg.householder_chain(x, params["U"]), W, b)  # x Rᵀ Wᵀ + b
+
+
+# ----------------------------------------------------------------------------- peft: the HRA type
+# One tensor per targeted module, hra_u (d_in, r): the Householder vectors as columns (U = hra_uᵀ).
+# peft's HRA has one r for the whole adapter (no rank_pattern).
+_LINEAR_ONLY = "peft's HRA adapts torch.nn.Linear only"
+
+
+def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    u = layer.tensors["hra_u"]
+    if u.ndim != 2:
+        raise ValueError(f"{cfg.file!r}: {layer.path}.hra_u has shape {tuple(u.shape)}, expected (d_in, r)")
+    cfg.rank(layer.path, u.shape[1], "hra_u")
+    return {"U": u.T}
+
+
+def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter) -> dict:
+    rs = {layer.path: f["r"] for layer, f in zip(layers, facts)}
+    if len(set(rs.values())) > 1:
+        raise ValueError(
+            f"save_peft: peft's HRA has one r for all layers (no rank_pattern), but these HRA layers "
+            f"have ranks {sorted(set(rs.values()))} (e.g. {next(iter(rs.items()))})"
+        )
+    return {
+        "exclude_modules": None,
+        "r": next(iter(rs.values())),
+        "apply_GS": False,
+        "bias": "none",
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+PEFT_HRA = PeftFormat(
+    peft_type="HRA",
+    suffixes=("hra_u",),
+    fields=frozenset({"r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "bias"}),
+    ignores=frozenset({"init_weights"}),  # the file overrides the initial values
+    refuses={"apply_GS": "lite_fn's HRA has no Gram-Schmidt form (see lite_fn/variants/hra.py); only apply_GS=false loads"},
+    refuses_kinds={"Conv1D": _LINEAR_ONLY},
+    config=_peft_config,
+)
+
+PEFT = PeftCodec(
+    format=PEFT_HRA,
+    claims=lambda cfg, path: True,
+    tensors=lambda cfg: ("hra_u",),
+    read=_peft_read,
+    write=lambda leaves, layer: ({"hra_u": leaves["U"].detach().T}, {"r": leaves["U"].shape[0]}),
+)

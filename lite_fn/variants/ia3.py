@@ -12,6 +12,7 @@ The input-side form used for feed-forward down-projections is ``ia3_ff``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,11 +20,11 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys
-from .._contract import never_random
+from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter, never_random
 from . import _padding
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "TRAINABLE", "Config", "IA3Config", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "IA3Config", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "ia3"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 
@@ -63,3 +64,65 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     _checks.check_input(x, W, "ia3.apply")
     y = torch.nn.functional.linear(x, W, b)  # (..., o), bias included
     return y * params["g"]  # (..., o) ⊙ (o,)
+
+
+# ----------------------------------------------------------------------------- peft: the IA3 type
+# One tensor per targeted module, ia3_l: (d_out, 1) for this output-side form, (1, d_in) for the layers in
+# feedforward_modules (lite_fn's ia3_ff).
+def is_feedforward(cfg: PeftConfig, path: str) -> bool:
+    """peft IA3's _check_target_module_feedforward (note: a plain endswith, no dot)."""
+    ff = cfg.get("feedforward_modules") or []
+    if isinstance(ff, str):
+        return re.fullmatch(ff, path) is not None
+    return any(path.endswith(t) for t in ff)
+
+
+def peft_gain(cfg: PeftConfig, layer: PeftLayer, feedforward: bool) -> dict[str, Tensor]:
+    """g of one layer of a peft IA3 file, checked against the side feedforward_modules gives it."""
+    g, W = layer.tensors["ia3_l"], layer.W
+    want = (1, W.shape[1]) if feedforward else (W.shape[0], 1)
+    if tuple(g.shape) != want:
+        raise ValueError(
+            f"{cfg.file!r}: {layer.path}.ia3_l has shape {tuple(g.shape)}, but {layer.path!r} is "
+            f"{'' if feedforward else 'not '}in feedforward_modules={cfg.get('feedforward_modules')!r}, "
+            f"so peft expects {want}"
+        )
+    return {"g": g.reshape(-1)}
+
+
+class _Fields:  # a PeftConfig over the fields being written, for is_feedforward
+    def __init__(self, fields: dict):
+        self.fields = fields
+
+    def get(self, field: str, default=None):
+        return self.fields.get(field, default)
+
+
+def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter) -> dict:
+    ff = sorted(layer.path for layer, f in zip(layers, facts) if f["feedforward"])
+    cfg = {
+        "exclude_modules": None,
+        "fan_in_fan_out": any(layer.kind == "Conv1D" for layer in layers),
+        "feedforward_modules": ff,
+    }
+    selected = sorted(layer.path for layer in layers if is_feedforward(_Fields(cfg), layer.path))  # type: ignore[arg-type]
+    if selected != ff:  # peft's plain endswith selects more than these: name them exactly
+        cfg["feedforward_modules"] = "(" + "|".join(re.escape(p) for p in ff) + ")" if ff else []
+    return cfg
+
+
+PEFT_IA3 = PeftFormat(
+    peft_type="IA3",
+    suffixes=("ia3_l",),
+    fields=frozenset({"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out"}),
+    ignores=frozenset({"init_ia3_weights"}),  # the file overrides the initial values
+    config=_peft_config,
+)
+
+PEFT = PeftCodec(
+    format=PEFT_IA3,
+    claims=lambda cfg, path: not is_feedforward(cfg, path),
+    tensors=lambda cfg: ("ia3_l",),
+    read=lambda cfg, layer: peft_gain(cfg, layer, feedforward=False),
+    write=lambda leaves, layer: ({"ia3_l": leaves["g"].detach().reshape(-1, 1)}, {"feedforward": False}),
+)

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys
-from .._contract import never_random
+from .._contract import PeftCodec, never_random
 from . import _padding
-from .ia3 import ones_gain
+from .ia3 import PEFT_IA3, is_feedforward, ones_gain, peft_gain
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "TRAINABLE", "Config", "IA3FFConfig", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "IA3FFConfig", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "ia3_ff"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
 
@@ -56,3 +56,13 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     _checks.check_input(x, W, "ia3_ff.apply")
     xg = x * params["g"]  # (..., i) ⊙ (i,)
     return torch.nn.functional.linear(xg, W, b)
+
+
+# peft: IA3 with the layer in feedforward_modules, ia3_l of shape (1, d_in).
+PEFT = PeftCodec(
+    format=PEFT_IA3,
+    claims=is_feedforward,
+    tensors=lambda cfg: ("ia3_l",),
+    read=lambda cfg, layer: peft_gain(cfg, layer, feedforward=True),
+    write=lambda leaves, layer: ({"ia3_l": leaves["g"].detach().reshape(1, -1)}, {"feedforward": True}),
+)

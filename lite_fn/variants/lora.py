@@ -18,6 +18,7 @@ with u the uniform ``noise`` (same shape as x) that the runtime derives from an 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,10 +26,12 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
 from . import _padding
 
 __all__ = [
     "NAME",
+    "PEFT",
     "TRAINABLE",
     "Config",
     "LoRAConfig",
@@ -154,3 +157,159 @@ def pad(path: str, present: dict, K: int, own) -> dict:
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "lora.apply")
     return linear_delta(x, W, b, params, dropped(params, x, noise))
+
+
+# ----------------------------------------------------------------------------- peft: the LORA type
+# peft's adapter_config.json for LoRA and the variants it stores as LoRA (dora, pissa, eva, antipasto).
+# Tensors per targeted module (W is d_out × d_in): lora_A.weight (r, d_in), lora_B.weight (d_out, r);
+# with use_dora also lora_magnitude_vector (d_out,). Per-layer rank and alpha: rank_pattern / alpha_pattern.
+#
+# init_lora_weights is plain LoRA on disk, but two inits change the base inside from_pretrained: "pissa"
+# and "olora" re-run on the model given and subtract s·B₀A₀ from its weights; such layers load as lite_fn's
+# pissa variant (its codec). EVA, LoRA-GA, MiCA, orthogonal and gaussian leave the base alone: plain LoRA.
+_PLAIN_INITS = (True, False, "orthogonal", "eva", "lora_ga")  # compared as peft's LoraLayer.update_layer does
+_PLAIN_INITS_ANY_CASE = ("gaussian", "mica")
+_RESIDUAL_INITS = ("pissa", "olora")
+_REFUSED_INITS = {
+    "pissa_niter": "peft's randomized SVD redraws its random sketch at every load (from torch's global RNG), so "
+    "even peft does not reproduce the trained model; convert the adapter with peft's "
+    "save_pretrained(path_initial_model_for_weight_conversion=...) to a plain LoRA",
+    "corda": "peft itself cannot load it without running preprocess_corda on data; convert the adapter with "
+    "save_pretrained(path_initial_model_for_weight_conversion=...) to a plain LoRA",
+    "loftq": "peft replaces the base weights by quantized ones at load; load the adapter onto the LoftQ base "
+    "with init_lora_weights set to true instead",
+}
+
+
+def peft_init(cfg: PeftConfig) -> str:
+    """'plain' or 'residual' (pissa / olora: the pissa codec reads those layers) for the config's
+    init_lora_weights, or a ValueError naming it."""
+    init, where = cfg.get("init_lora_weights", True), cfg.where
+    if any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS) or (
+        isinstance(init, str) and init.lower() in _PLAIN_INITS_ANY_CASE
+    ):
+        return "plain"
+    if init == "pissa" or (isinstance(init, str) and init.lower() == "olora"):
+        if cfg.get("use_dora"):
+            raise ValueError(
+                f"{where} sets use_dora=True with init_lora_weights={init!r}: peft's DoRA then takes its norm "
+                f"from the residual base weight, which lite_fn's DoRA (on the shared base) cannot; "
+                f"only use_dora with a plain init loads"
+            )
+        return "residual"
+    key = next((k for k in _REFUSED_INITS if isinstance(init, str) and init.lower().startswith(k)), None)
+    reason = _REFUSED_INITS[key] if key else f"lite_fn knows {list(_PLAIN_INITS + _PLAIN_INITS_ANY_CASE + _RESIDUAL_INITS)}"
+    raise ValueError(f"{where} sets init_lora_weights={init!r}, which lite_fn cannot reproduce: {reason}")
+
+
+def peft_factors(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    """A, B and scale of one layer of a peft LORA file (what lora, dora and pissa read)."""
+    A, B = layer.tensors["lora_A.weight"], layer.tensors["lora_B.weight"]
+    if A.ndim != 2:
+        raise ValueError(
+            f"{cfg.file!r}: {layer.path}.lora_A.weight has shape {tuple(A.shape)}; lite_fn adapts linear layers "
+            f"only (a 4-D factor is a Conv2d LoRA)"
+        )
+    r = cfg.rank(layer.path, A.shape[0], "lora_A.weight")
+    alpha = cfg.per_path("alpha_pattern", "lora_alpha", 8, layer.path)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{cfg.where}: lora_alpha / alpha_pattern gives {alpha!r} for {layer.path!r}; expected a number")
+    s = scaling(alpha, r, bool(cfg.get("use_rslora")))
+    return {"A": A, "B": B, "scale": torch.tensor(s, dtype=torch.float64)}  # cast once, to the weight dtype
+
+
+def peft_lowrank(A: Tensor, B: Tensor, s: float, path: str, **facts) -> tuple[dict[str, Tensor], dict]:
+    """The LORA tensors of the update s·BA (what every variant written as LoRA hands the format)."""
+    if not math.isfinite(s):
+        raise ValueError(f"save_peft: {path!r} has scale {s}; peft's LoRA needs a finite scale")
+    return {"lora_A.weight": A.detach(), "lora_B.weight": B.detach()}, {"r": A.shape[0], "scale": s, **facts}
+
+
+def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter) -> dict:
+    paths = [layer.path for layer in layers]
+    ranks = {p: f["r"] for p, f in zip(paths, facts)}
+    # alpha = s·r, or s·√r with use_rslora: whichever needs fewer alpha_pattern entries
+    plain = {p: writer.number(f["scale"] * f["r"]) for p, f in zip(paths, facts)}
+    rs = {p: writer.number(f["scale"] * math.sqrt(f["r"])) for p, f in zip(paths, facts)}
+    use_rslora = len(set(rs.values())) < len(set(plain.values()))
+    alphas = rs if use_rslora else plain
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "exclude_modules": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "use_dora": any(f.get("use_dora", False) for f in facts),
+        "fan_in_fan_out": any(layer.kind == "Conv1D" for layer in layers),
+        "bias": "none",
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "rank_pattern": writer.pattern(ranks, r),
+        "alpha_pattern": writer.pattern(alphas, alpha),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+PEFT_LORA = PeftFormat(
+    peft_type="LORA",
+    suffixes=("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight"),
+    aliases={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
+    fields=frozenset(
+        {
+            "r",
+            "lora_alpha",
+            "target_modules",
+            "exclude_modules",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_rslora",
+            "use_dora",
+            "init_lora_weights",
+            "bias",
+            "fan_in_fan_out",  # peft sets it per layer from the layer type (Conv1D is fan-in-fan-out)
+        }
+    ),
+    # training-only, or the configs of data-driven inits (the init itself is judged by init_lora_weights)
+    ignores=frozenset(
+        {
+            "lora_dropout",
+            "megatron_core",
+            "qalora_group_size",
+            "eva_config",
+            "corda_config",
+            "loftq_config",
+            "lora_ga_config",
+            "ensure_weight_tying",
+            "runtime_config",
+        }
+    ),
+    refuses={
+        "lora_bias": "a bias on lora_B has no lite_fn leaf; only lora_bias=false loads",
+        "trainable_token_indices": "trainable tokens replace rows of an embedding, which lite_fn does not adapt",
+        "layer_replication": "it duplicates decoder layers, changing the model's structure",
+        "target_parameters": "it adapts raw nn.Parameters (e.g. MoE experts), not linear layers",
+        "alora_invocation_tokens": "activated LoRA switches the adapter on per token position",
+        "use_qalora": "QALoRA pools the adapter input for quantized layers",
+        "megatron_config": "Megatron-parallel layers are not nn.Linear",
+        "arrow_config": "Arrow routes between adapters per token",
+        "kasa_config": "KaSA adds a singular-value term to the forward",
+        "velora_config": "VeLoRA changes the forward",
+        "monteclora_config": "MonteCLoRA samples the adapter",
+        "use_bdlora": "BD-LoRA uses block-diagonal factors",
+    },
+    check=peft_init,
+    config=_peft_config,
+)
+
+PEFT = PeftCodec(
+    format=PEFT_LORA,
+    claims=lambda cfg, path: not cfg.get("use_dora") and peft_init(cfg) == "plain",
+    tensors=lambda cfg: ("lora_A.weight", "lora_B.weight"),
+    read=peft_factors,
+    write=lambda leaves, layer: peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer.path),
+)

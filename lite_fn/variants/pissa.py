@@ -31,12 +31,13 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys, linalg
+from .._contract import PeftCodec, PeftConfig, PeftLayer
 from . import _padding
-from .lora import check_dropout, dropout_leaf, dropped, projected, scaling
+from .lora import PEFT_LORA, check_dropout, dropout_leaf, dropped, peft_factors, peft_init, peft_lowrank, projected, scaling
 from .lora import shapes as lora_shapes
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "TRAINABLE", "Config", "PiSSAConfig", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "PiSSAConfig", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "pissa"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 
@@ -120,3 +121,57 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     dh = h - projected({"A": params["A0"], "scale": s}, x)  # h − s·x A0ᵀ
     y = linalg.linear_add(x, W, b, h, params["B"] - params["B0"])
     return linalg.add_product(y, dh, params["B0"])
+
+
+# ----------------------------------------------------------------------------- peft: LORA, residual inits
+# Reading: a peft LoRA file with init_lora_weights "pissa" or "olora" — peft's from_pretrained re-runs that
+# init on the model it is given and subtracts s·B₀A₀ from its weights; here the frozen A0/B0 are computed
+# from the model's weights the way peft computes them, and the model is left alone. So, exactly like peft,
+# load such an adapter onto the *original* base model (never onto the saved residual model).
+# Writing: the plain LoRA of rank 2r that equals it on the unmodified base, s·(BA − B₀A₀) = s·[B, −B₀]·[A; A₀].
+
+
+def _residual_factors(cfg: PeftConfig, layer: PeftLayer, r: int, s: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(A0, B0, scale) of what peft's pissa_init / olora_init subtract from the base at load."""
+    how, W = str(cfg.get("init_lora_weights")), layer.W
+    if W.is_meta:
+        raise ValueError(
+            f"{cfg.where} sets init_lora_weights={how!r}: its frozen factors come from the base weights, "
+            f"but {layer.path}.weight is on the meta device; load the model's weights first"
+        )
+    alpha = cfg.per_path("alpha_pattern", "lora_alpha", 8, layer.path)
+    if how == "pissa":
+        if alpha <= 0:
+            raise ValueError(
+                f"{cfg.where}: PiSSA with lora_alpha={alpha!r} at {layer.path!r} takes the square root of S/scale < 0"
+            )
+        p = init(0, W.detach(), PiSSAConfig(r=r, alpha=alpha, use_rslora=bool(cfg.get("use_rslora"))))
+        return p["A0"], p["B0"], p["scale"]
+    if layer.kind == "Conv1D":
+        raise ValueError(
+            f"{cfg.where} sets init_lora_weights='olora' on the Conv1D layer {layer.path!r}: peft's olora_init takes "
+            f"the QR of the stored (d_in, d_out) weight, which lite_fn does not reproduce"
+        )
+    Q, R = torch.linalg.qr(W.detach().to(torch.float32))  # peft olora_init: W = QR, B0 = Q[:, :r], A0 = R[:r]
+    return R[:r].contiguous(), Q[:, :r].contiguous(), torch.tensor(s, dtype=torch.float64)
+
+
+def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    leaves = peft_factors(cfg, layer)
+    A0, B0, s = _residual_factors(cfg, layer, leaves["A"].shape[0], float(leaves["scale"]))
+    return {**leaves, "scale": s, "A0": A0, "B0": B0}
+
+
+def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
+    A = torch.cat([leaves["A"].detach(), leaves["A0"].detach()], dim=0)
+    B = torch.cat([leaves["B"].detach(), -leaves["B0"].detach()], dim=1)
+    return peft_lowrank(A, B, float(leaves["scale"]), layer.path)
+
+
+PEFT = PeftCodec(
+    format=PEFT_LORA,
+    claims=lambda cfg, path: not cfg.get("use_dora") and peft_init(cfg) == "residual",
+    tensors=lambda cfg: ("lora_A.weight", "lora_B.weight"),
+    read=_peft_read,
+    write=_peft_write,
+)

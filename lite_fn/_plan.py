@@ -1,0 +1,175 @@
+"""The layers a params tree adapts, checked against the model (one ``Entry`` each), and the plan
+remembered per (model, params tree) that lets a later call on the very same objects skip those checks."""
+
+from __future__ import annotations
+
+import difflib
+import weakref
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks, _layers, variants
+from ._contract import VariantSpec
+from .trees import Params
+
+
+class Entry(NamedTuple):
+    path: str
+    module: nn.Module
+    kind: _layers.LayerKind
+    variant: VariantSpec
+    leaves: dict[str, Tensor]
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` through the registered children's dicts (the common case, a few
+    dict lookups); anything else, and every error, goes through ``get_submodule`` itself."""
+    m = model
+    for part in path.split("."):
+        m = m._modules.get(part) if isinstance(m, nn.Module) else None
+        if m is None:
+            return model.get_submodule(path)
+    return m
+
+
+def checked_entries(
+    model: nn.Module, params: Params, swap: dict[int, Tensor], aliases: dict[int, list[str]], batch_dims: int = 0
+) -> tuple[list[Entry], int | None]:
+    """Every layer of ``params``, checked against the model (paths, layer types, ties, exact leaves)."""
+    if not isinstance(params, dict):
+        raise TypeError(
+            f"params must be the dict returned by lf.init ({{path: {{variant: {{leaf: Tensor}}}}}}), got {type(params).__name__}"
+        )
+    entries, Ks = [], {}
+    for path, by_variant in params.items():
+        try:
+            module = submodule(model, path)  # per path: no walk over the whole model each call
+        except AttributeError:
+            near = difflib.get_close_matches(path, [p for p, _ in model.named_modules()], n=3)
+            raise KeyError(
+                f"params path {path!r} is not a module of {type(model).__name__}" + (f"; similar paths: {near}" if near else "")
+            ) from None
+        if not isinstance(by_variant, dict) or len(by_variant) != 1:
+            raise ValueError(
+                f"params[{path!r}] must hold exactly one variant, got {list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}"
+            )
+        ((name, leaves),) = by_variant.items()
+        kind = _layers.kind_of(module, path)
+        tied = [
+            n
+            for n in aliases.get(id(module.weight), [])
+            if n.rsplit(".", 1)[0] != path and _layers.is_adaptable(model.get_submodule(n.rsplit(".", 1)[0]))
+        ]
+        if tied:
+            raise ValueError(
+                f"{path}.weight is tied to {tied} of another linear layer, so an adapter on {path!r} cannot be "
+                f"told apart from it; untie them (give {path!r} its own weight) before adapting"
+            )
+        variant = variants.get(name)
+        Ks[path] = _checks.check_leaves_once(
+            f"params[{path!r}][{name!r}]", variant, leaves, _layers.weight_view(module, kind, swap), batch_dims
+        )
+        entries.append(Entry(path, module, kind, variant, leaves))
+    K = None
+    if batch_dims:
+        if len(set(Ks.values())) > 1:
+            raise ValueError(
+                f"stacked params hold different numbers of adapters per layer: {Ks}; stack whole params trees with lf.stack"
+            )
+        K = next(iter(Ks.values()), None)
+    return entries, K
+
+
+class _Plan(NamedTuple):
+    """What ``checked_entries`` found for one params tree on one model, and what it read: weak references to
+    each layer's module, weight and leaves with their metadata, so a later call can tell exactly
+    whether anything it checked has changed (a leaf or module replaced, a weight cast or resized)."""
+
+    rows: tuple  # (path, variant name, id(by-variant dict), id(leaves dict), module ref, kind, variant, weight ref, weight meta, leaf refs+meta)
+    K: int | None
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], _Plan]] = weakref.WeakKeyDictionary()
+_PLANS_PER_MODEL = 8
+
+
+def _metadata(t: Tensor) -> tuple:
+    return (t.shape, t.dtype, t.device)
+
+
+def planned_entries(
+    model: nn.Module, params: Params, swap: dict[int, Tensor], aliases: dict[int, list[str]], batch_dims: int = 0
+) -> tuple[list[Entry], int | None]:
+    """``checked_entries``, remembered per (model, params tree): a call whose params and model still hold the
+    very objects (and metadata) the last check read skips the checks; anything else is checked anew.
+    Tied weights (``aliases``) are always checked anew."""
+    if not isinstance(params, dict) or aliases or torch.compiler.is_compiling():
+        return checked_entries(model, params, swap, aliases, batch_dims)
+    replayed = replayed_entries(model, params, batch_dims)
+    if replayed is not None:
+        return replayed
+    entries, K = checked_entries(model, params, swap, aliases, batch_dims)
+    rows = []
+    for e in entries:
+        by_variant = params[e.path]
+        w = e.module.weight
+        if not isinstance(w, Tensor):
+            return entries, K
+        leaves = tuple((k, weakref.ref(v), _metadata(v)) for k, v in e.leaves.items())
+        rows.append(
+            (
+                e.path,
+                e.variant.NAME,
+                id(by_variant),
+                id(e.leaves),
+                weakref.ref(e.module),
+                e.kind,
+                e.variant,
+                weakref.ref(w),
+                _metadata(w),
+                leaves,
+            )
+        )
+    plans = _PLANS.setdefault(model, {})
+    if len(plans) >= _PLANS_PER_MODEL:
+        plans.clear()
+    plans[(id(params), batch_dims)] = _Plan(tuple(rows), K)
+    return entries, K
+
+
+def replayed_entries(model: nn.Module, params: Params, batch_dims: int) -> tuple[list[Entry], int | None] | None:
+    """The remembered entries of (model, params), if nothing they were checked on has changed."""
+    plans = _PLANS.get(model) if isinstance(params, dict) and not torch.compiler.is_compiling() else None
+    plan = None if plans is None else plans.get((id(params), batch_dims))
+    if plan is None:
+        return None
+    entries = _replay(plan, model, params)
+    return None if entries is None else (entries, plan.K)
+
+
+def _replay(plan: _Plan, model: nn.Module, params: Params) -> list[Entry] | None:
+    if len(params) != len(plan.rows):
+        return None
+    entries = []
+    for (path, name, bv_id, leaves_id, module_ref, kind, variant, w_ref, w_meta, leaves), (p, by_variant) in zip(
+        plan.rows, params.items()
+    ):
+        if p != path or id(by_variant) != bv_id or len(by_variant) != 1 or variants.REGISTRY.get(name) is not variant:
+            return None
+        ((n, current),) = by_variant.items()
+        if n != name or id(current) != leaves_id or len(current) != len(leaves):
+            return None
+        for (k, ref, meta), (k2, v) in zip(leaves, current.items()):
+            if k != k2 or ref() is not v or _metadata(v) != meta:
+                return None
+        try:
+            module = submodule(model, path)
+        except AttributeError:  # gone: checked_entries names it
+            return None
+        w = getattr(module, "weight", None)
+        if module is not module_ref() or w is not w_ref() or _metadata(w) != w_meta:  # pyright: ignore[reportArgumentType]
+            return None
+        entries.append(Entry(path, module, kind, variant, current))
+    return entries
