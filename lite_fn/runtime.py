@@ -259,7 +259,7 @@ def merge(model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None
         W = _layers.values(_layers.weight_view(module, kind, swap))
         bias: Tensor | None = getattr(module, "bias", None)
         b = None if bias is None else swap.get(id(bias), bias).detach()
-        W_new, b_new = variants.merge(variant, leaves, W.detach(), b)
+        W_new, b_new = variants.dense_weights(variant, leaves, W.detach(), b)
         out[f"{path}.weight"] = kind.store(W_new)
         if b_new is not None:
             out[f"{path}.bias"] = b_new

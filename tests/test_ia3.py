@@ -76,7 +76,7 @@ def test_merge_matches_peft_merge():
     merged = ref.merge_and_unload()
     for name, (mod, p) in params.items():
         layer = getattr(base, name)
-        W, b = variants.merge(mod, p, layer.weight, layer.bias)
+        W, b = variants.dense_weights(mod, p, layer.weight, layer.bias)
         assert rel_err(W, merged.get_submodule(name).weight) <= 1e-6, name
         assert rel_err(b, merged.get_submodule(name).bias) <= 1e-6, name
 

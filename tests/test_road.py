@@ -135,7 +135,7 @@ def test_merge_matches_peft_merge(variant):
     merged = ref.merge_and_unload()
     for name, p in params.items():
         layer = getattr(base, name)
-        W, b = variants.merge(road, p, layer.weight, layer.bias)
+        W, b = variants.dense_weights(road, p, layer.weight, layer.bias)
         assert rel_err(W, merged.get_submodule(name).weight) <= 1e-5, name
         assert rel_err(b, merged.get_submodule(name).bias) <= 1e-5, name
 

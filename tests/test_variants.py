@@ -122,7 +122,7 @@ def test_gradients_reach_trainable_leaves_only(case):
 def test_merge_equals_apply(case):
     mod, W, b, p = perturbed_layer(case, seed=2)
     for bias in (b, None):
-        Wm, bm = variants.merge(mod, p, W, bias)
+        Wm, bm = variants.dense_weights(mod, p, W, bias)
         y = mod.apply(p, W, x_in(), bias)
         assert rel_err(torch.nn.functional.linear(x_in(), Wm, bm), y) <= 1e-5
 

@@ -1,22 +1,10 @@
 """The variant registry: one module per variant, discovered from this package, plus any variant a
 user registers with ``lf.register_variant``.
 
-The contract (``lite_fn._contract``): a variant defines
-    NAME: str                               # the key under params[module_path]
-    TRAINABLE: frozenset[str]               # leaves an optimizer updates; the rest are frozen
-    Config                                  # frozen dataclass with ``variant_name: ClassVar[str] = NAME``
-    init(key, W, cfg, statistic=None) -> dict  # pure; same key -> bit-identical params
-    apply(params, W, x, b=None) -> Tensor   # pure; no config; linear in x
-    shapes(leaves, d_out, d_in) -> dict     # the exact leaf shapes for W of (d_out, d_in)
-and optionally
-    STEERING_LEAF: str                      # a scalar leaf that lf.with_alpha sets (AntiPaSTO)
-    random_init(cfg) -> bool                # whether init draws random numbers (default True)
-    stat(cfg, W) -> Stat | None             # a streaming input statistic (data-driven init)
-    plan(stats, cfgs, dims) -> cfgs         # a cross-layer step (EVA's rank budget)
-    pad(path, present, K, own) -> leaves    # lf.stack(pad=True): exact padding (ranks, untargeted layers)
-
-The registry holds a ``VariantSpec`` per name (absent hooks are ``None``); the runtime looks
-variants up here by ``cfg.variant_name`` and never branches on a name.
+The contract a variant meets is described once, in ``lite_fn._contract`` (``Variant``: the required
+members; ``VariantSpec``: the optional hooks; ``PeftCodec`` / ``PeftFormat``: its peft mapping). The
+registry holds a ``VariantSpec`` per name (absent hooks are ``None``); the runtime looks variants up
+here by ``cfg.variant_name`` and never branches on a name.
 """
 
 from __future__ import annotations
@@ -87,8 +75,9 @@ def module_for(cfg) -> VariantSpec:
     return get(name)
 
 
-def merge(variant: VariantSpec, params: dict, W, b=None):
-    """Dense (W', b') with apply(params, W, x, b) == x W'ᵀ + b' for all x.
+def dense_weights(variant: VariantSpec, params: dict, W, b=None):
+    """One layer's dense (W', b') with apply(params, W, x, b) == x W'ᵀ + b' for all x (``lf.merge`` does
+    this for every targeted layer of a model).
 
     Every variant is affine in x, so W'ᵀ = apply(·, I) − apply(·, 0) and b' = apply(·, 0):
     one exact rule for all variants instead of ten hand-written materialisations.
