@@ -51,7 +51,10 @@ def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
             equal exactly. Padded leaves keep trainability from each variant's ``TRAINABLE``.
 
     Returns:
-        The stacked tree: every leaf of shape (K, ...), in the (union of) layers of the inputs.
+        The stacked tree: every leaf of shape (K, ...), in the (union of) layers of the inputs. A frozen
+        leaf equal in all K adapters is held once (a stride-0 view of one copy: K VeRA, PiSSA or
+        AntiPaSTO adapters share their frozen projections and factors instead of holding K copies);
+        do not write into stacked leaves in place (``lf.unstack`` gives owned copies).
 
     Raises:
         ValueError: trees that differ in structure or shapes (without ``pad``), or cannot be padded exactly.
@@ -80,15 +83,30 @@ def stack(params_list: Sequence[Params], pad: bool = False) -> Params:
                 f"params #{i} has a different structure than params #0 (paths/variants/leaves must match): {other} vs {spec}"
             )
 
-    def stack_leaf(*xs):
-        shapes = {tuple(x.shape) for x in xs}
-        if len(shapes) != 1:
-            raise ValueError(
-                f"cannot stack leaves of shapes {sorted(shapes)}; all adapters must have equal shapes (same r, same targets)"
-            )
-        return torch.stack([x.detach() for x in xs])
+    out: Params = {}
+    for path, by_variant in first.items():
+        out[path] = {}
+        for name, leaves in by_variant.items():
+            frozen = leaves.keys() - variants.get(name).TRAINABLE
+            out[path][name] = {
+                leaf: _stacked_leaf([p[path][name][leaf] for p in params_list], shared=leaf in frozen) for leaf in leaves
+            }
+    return declared(out)
 
-    return declared(tree_map(stack_leaf, *params_list))
+
+def _stacked_leaf(xs: list[Tensor], shared: bool) -> Tensor:
+    """The K leaves on a leading axis. A frozen leaf equal in every adapter (VeRA's random projections,
+    PiSSA's exact-SVD factors, AntiPaSTO's U, S, V) is held once: a stride-0 view of one private copy
+    (K adapters then cost one copy of it; vmap and route= read it like any stacked leaf)."""
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"cannot stack leaves of shapes {sorted(shapes)}; all adapters must have equal shapes (same r, same targets)"
+        )
+    first = xs[0].detach()
+    if shared and all(x is xs[0] or (x.dtype == first.dtype and torch.equal(x.detach(), first)) for x in xs[1:]):
+        return first.clone().unsqueeze(0).expand(len(xs), *first.shape)
+    return torch.stack([x.detach() for x in xs])
 
 
 def _padded(params_list: list[Params]) -> list[Params]:

@@ -273,3 +273,29 @@ def test_many_adapter_calls_compile_fullgraph_without_recompiling(how):
         assert rel_err(compiled(*args), fn(*args)) <= 1e-5
         with torch._dynamo.config.patch(error_on_recompile=True):  # new values, same shapes: no recompile
             assert rel_err(compiled(*other), fn(*other)) <= 1e-5
+
+
+def test_stack_holds_a_frozen_leaf_equal_in_all_adapters_once():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    steer = [lf.with_alpha(lf.init(k, model, lf.AntiPaSTOConfig(r=8, block_size=4)), 0.7) for k in range(4)]
+    stacked = lf.stack(steer)["0"]["antipasto"]
+    for leaf in ("U", "S", "V", "alpha", "max_angle"):  # frozen and equal in all four: one copy, stride 0 on K
+        assert (
+            stacked[leaf].stride(0) == 0
+            and stacked[leaf].untyped_storage().nbytes() == steer[0]["0"]["antipasto"][leaf].untyped_storage().nbytes()
+        )
+        assert (
+            stacked[leaf].untyped_storage().data_ptr() != steer[0]["0"]["antipasto"][leaf].untyped_storage().data_ptr()
+        )  # a private copy
+    assert stacked["rot_v"].stride(0) != 0  # trainable leaves are always K copies
+    lora = [lf.init(k, model, lf.LoRAConfig(r=2)) for k in range(3)]
+    assert lf.stack(lora)["0"]["lora"]["B"].stride(0) != 0  # trainable, even though all zero: the optimizer writes it
+    x = torch.randn(4, 16)
+    both = lf.stack(steer)
+    got = torch.func.vmap(lambda p: lf.call(model, p, x))(both)
+    assert torch.equal(got, torch.stack([lf.call(model, p, x) for p in steer]))
+    assert torch.equal(lf.call(model, both, x, route=torch.tensor([3, 1, 0, 2]))[0], lf.call(model, steer[3], x)[0])
+    other = lf.with_alpha(steer[1], -0.7)
+    assert lf.stack([steer[0], other])["0"]["antipasto"]["alpha"].stride(0) != 0  # values differ: stacked as usual
+    assert all(torch.equal(a["0"]["antipasto"]["U"], b["0"]["antipasto"]["U"]) for a, b in zip(lf.unstack(both), steer))
