@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_train_step.py --quick    # smoke run, prints only
 
 Variants peft also has: LoRA, DoRA, DeLoRA, HRA, IA3 (+ IA3 feed-forward on down_proj), ROAD, PiSSA,
-each against its matching peft config. Plus HRA on one d×d Linear at d=1024, where peft builds a
+OFT, BOFT, LoHa, LoKr, VeRA, each against its matching peft config. Plus HRA on one d×d Linear at d=1024, where peft builds a
 dense d×d rotation every forward and lite_fn applies the r reflections to x.
 Time: median of interleaved repeats. Memory: peak bytes torch's CPU allocator has live during one
 steady-state step above what was live before it (see RESULTS.md header).
@@ -25,7 +25,7 @@ import lite_fn as lf
 T_ALL = C.LLAMA_TARGETS
 
 
-def variants(r: int):
+def variants(r: int, hidden: int):
     """name -> (lite params builder(model), peft config builder). Same targets on both sides."""
     import peft
 
@@ -59,6 +59,26 @@ def variants(r: int):
         "PiSSA": (
             lambda m: lf.init(0, m, lf.PiSSAConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
             lambda: peft.LoraConfig(**lo, init_lora_weights="pissa"),
+        ),
+        "OFT": (
+            lambda m: lf.init(0, m, lf.OFTConfig(oft_block_size=32), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=T_ALL),
+        ),
+        "BOFT": (
+            lambda m: lf.init(0, m, lf.BOFTConfig(block_size=16, n_butterfly_factor=2), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.BOFTConfig(boft_block_size=16, boft_n_butterfly_factor=2, target_modules=T_ALL),
+        ),
+        "LoHa": (
+            lambda m: lf.init(0, m, lf.LoHaConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.LoHaConfig(r=r, alpha=2 * r, target_modules=T_ALL),
+        ),
+        "LoKr": (
+            lambda m: lf.init(0, m, lf.LoKrConfig(r=r, alpha=2 * r), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.LoKrConfig(r=r, alpha=2 * r, target_modules=T_ALL),
+        ),
+        "VeRA": (
+            lambda m: lf.init(0, m, lf.VeRAConfig(r=min(256, hidden)), targets=C.LLAMA_TARGETS_RE),
+            lambda: peft.VeraConfig(r=min(256, hidden), target_modules=T_ALL),
         ),
     }
 
@@ -144,7 +164,7 @@ def main():
         ]
     )
     bars = {}
-    for name, (make_lite, make_peft) in variants(r).items():
+    for name, (make_lite, make_peft) in variants(r, hidden).items():
         if args.only and name not in args.only:
             continue
         print(f"  {name}", flush=True)
@@ -195,8 +215,11 @@ def main():
 Model: {C.model_desc(base)}; batch {B}×{T} tokens, causal-LM loss; base weights frozen on both sides.
 r={r} (alpha=2r) for the low-rank variants, on every linear layer of the blocks ({", ".join(T_ALL)});
 IA3 on k_proj, v_proj (output-side) and down_proj (feed-forward, input-side) as peft's Llama default;
-ROAD road_1 with group size 64 (so the intermediate width is 704 = 11·64). peft configs: LoraConfig,
-LoraConfig(use_dora=True), DeloraConfig, HRAConfig, IA3Config, RoadConfig, LoraConfig(init_lora_weights="pissa").
+ROAD road_1 with group size 64 (so the intermediate width is 704 = 11·64); OFT with block size 32 (peft's
+default, Cayley–Neumann on both sides), BOFT block size 16 with 2 butterfly factors, LoHa and LoKr r={r}
+alpha={2 * r}, VeRA r=256 (peft's default; the hidden width if smaller). peft configs: LoraConfig, LoraConfig(use_dora=True), DeloraConfig,
+HRAConfig, IA3Config, RoadConfig, LoraConfig(init_lora_weights="pissa"), OFTConfig, BOFTConfig, LoHaConfig,
+LoKrConfig, VeraConfig.
 Median of {args.repeats} interleaved repeats (limit, lite_fn and peft alternate), after one warm-up step each;
 {"wall-clock (`time.perf_counter`)" if args.wall else "process CPU time (`time.process_time`, all threads): on this shared machine it varies ~2% between runs where wall-clock medians swing ~10%"}.
 

@@ -14,38 +14,49 @@ from ._keys import fold_in, split
 from ._version import __version__ as __version__
 from .adapted import Adapted
 from .io import check_against, load, load_metadata, save
+from .merging import merge_adapters
 from .peft_io import load_peft, save_peft
 from .runtime import applied, call, init, merge, target_paths
 from .trees import combine, partition, stack, trainable, unstack, with_alpha
 from .variants import REGISTRY
 from .variants import register as register_variant
 from .variants.antipasto import AntiPaSTOConfig
+from .variants.boft import BOFTConfig
 from .variants.delora import DeLoRAConfig
 from .variants.dora import DoRAConfig
 from .variants.eva import EVAConfig
 from .variants.hra import HRAConfig
 from .variants.ia3 import IA3Config
 from .variants.ia3_ff import IA3FFConfig
+from .variants.loha import LoHaConfig
+from .variants.lokr import LoKrConfig
 from .variants.lora import LoRAConfig
+from .variants.oft import OFTConfig
 from .variants.pissa import PiSSAConfig
 from .variants.road import ROADConfig
+from .variants.vera import VeRAConfig
 
 __all__ = [
     "REGISTRY",
     "Adapted",
     "AntiPaSTOConfig",
+    "BOFTConfig",
     "DeLoRAConfig",
     "DoRAConfig",
     "EVAConfig",
     "HRAConfig",
     "IA3Config",
     "IA3FFConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoRAConfig",
+    "OFTConfig",
     "PiSSAConfig",
     "ROADConfig",
     "Stat",
     "Variant",
     "VariantSpec",
+    "VeRAConfig",
     "applied",
     "call",
     "check_against",
@@ -58,6 +69,7 @@ __all__ = [
     "load_metadata",
     "load_peft",
     "merge",
+    "merge_adapters",
     "partition",
     "register_variant",
     "save",

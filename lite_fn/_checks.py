@@ -179,3 +179,13 @@ def check_leaves_once(where: str, variant, leaves, W: torch.Tensor, batch_dims: 
 def like(W: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """``dict(dtype=..., device=...)`` of W (or ``dtype``), for ``torch.zeros(shape, **like(W))``."""
     return {"dtype": W.dtype if dtype is None else dtype, "device": W.device}
+
+
+def zero_only(cfg: Any, names: tuple[str, ...], who: str, why: str) -> None:
+    """Config fields lite_fn accepts only at 0 (peft's training-only dropouts that it does not implement):
+    each must be a finite number and 0, else a ValueError naming it, saying ``why``, and suggesting 0.0."""
+    for name in names:
+        p = getattr(cfg, name)
+        finite_number(name, p, who)
+        if p != 0:
+            raise ValueError(f"{who}: {name}={p!r} is not supported: {why}; use {name}=0.0")

@@ -11,6 +11,11 @@ A variant that peft can also express carries its mapping as ``PEFT = PeftCodec(.
 it reads and writes (a ``PeftFormat``, owned by the variant file that defines that type: LORA by
 ``lora.py``), how one layer's stored tensors become its leaves and back. The peft room
 (``lite_fn/peft_io``) loops over the registry and knows no variant by name.
+
+A variant whose adapters combine arithmetically (peft's ``add_weighted_adapter``) declares how as
+``MERGE = MergeRule(...)``: the combination types it supports and how n adapters' leaves at one layer
+become one adapter's (the shared rules live in ``lite_fn/variants/_arithmetic.py``). ``lite_fn.merging``
+looks the rule up by the layer's variant and knows no variant, nor its leaves, by name.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 Leaves = dict[str, Tensor]
@@ -62,6 +68,7 @@ class PeftConfig(Protocol):
     fields: Mapping[str, Any]  # the JSON object as stored
     where: str  # "peft config '<file>'", for messages
     file: str  # the weights file, for messages
+    dims: Mapping[str, tuple[int, int]]  # (d_out, d_in) of every module the config targets (VeRA sizes its projections)
 
     def get(self, field: str, default: Any = None) -> Any: ...
 
@@ -107,7 +114,10 @@ class PeftFormat:
     fields that lite_fn cannot reproduce when set, with the reason. Any other set field is refused too
     (a newer peft). ``check(cfg)`` validates the whole config at load; ``config(layers, facts, writer)``
     gives the type's config fields for the layers a save writes (``facts``: what each codec's ``write``
-    reported per layer)."""
+    reported per layer). ``shared``: tensors stored once per file at model level, as
+    ``base_model.<name>`` (no module path; VeRA's vera_A, vera_B): reading, each is in every layer's
+    ``tensors`` under its name (so a codec's ``tensors(cfg, layer)`` lists it when the file must hold it);
+    writing, ``shared_tensors(layers, facts)`` gives them."""
 
     peft_type: str  # "LORA"
     suffixes: tuple[str, ...]  # every tensor-name suffix a file of this type may hold
@@ -118,6 +128,8 @@ class PeftFormat:
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # stored suffix -> the name codecs see
     refuses_kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer kind -> why peft cannot adapt it
     check: Callable[[PeftConfig], object] = lambda cfg: None  # raises on a config it refuses; the result is unused
+    shared: tuple[str, ...] = ()  # model-level tensor names ("base_model.<name>" in the file)
+    shared_tensors: Callable[[list[PeftLayer], list[dict]], dict[str, Tensor]] = lambda layers, facts: {}
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ class PeftCodec:
 
     ``claims(cfg, path)``: whether this variant is what a layer of such a file loads as (exactly one
     registered codec of the type must claim each layer); ``None`` for a variant that peft writes but
-    never reads back as itself (EVA, AntiPaSTO: written as LoRA). ``tensors(cfg)``: the suffixes one
+    never reads back as itself (EVA, AntiPaSTO: written as LoRA). ``tensors(cfg, layer)``: the suffixes that
     layer holds, exactly. ``read(cfg, layer)``: the stored tensors -> leaves (any dtype: the room
     casts them to the layer weight's). ``write(leaves, layer)``: leaves -> (tensors by suffix, facts
     for the format's ``config``). Variants with the same ``format`` and ``group`` can share one file."""
@@ -135,12 +147,55 @@ class PeftCodec:
     write: Callable[[Leaves, PeftLayer], tuple[dict[str, Tensor], dict]]
     group: str = ""  # default: format.peft_type
     claims: Callable[[PeftConfig, str], bool] | None = None
-    tensors: Callable[[PeftConfig], tuple[str, ...]] = lambda cfg: ()
+    tensors: Callable[[PeftConfig, PeftLayer], tuple[str, ...]] = lambda cfg, layer: ()
     read: Callable[[PeftConfig, PeftLayer], Leaves] | None = None
 
     @property
     def label(self) -> str:
         return self.group or self.format.peft_type
+
+
+# ----------------------------------------------------------------------------- adapter arithmetic (optional)
+MergePresent = list[tuple[int, Leaves]]  # (adapter index, its detached leaves) for the adapters that target one layer
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """One ``merge_adapters`` call's options, checked (by ``lite_fn.merging``), as a ``MergeRule``'s ``merge`` gets them."""
+
+    method: str  # peft's combination_type ("linear", "cat", "svd", "ties_svd", …); "linear" for one adapter
+    combiner: str  # the method's combiner of task tensors ("linear", "ties", "dare_linear", …); "" for cat
+    svd: bool  # the combined update is factored by a truncated SVD
+    density: float | None  # the fraction of entries ties, dare_* and magnitude_prune* keep
+    sign: str  # TIES' sign election: "total" | "frequency"
+    rank: int  # svd's rank k before the cap at min(d_out, d_in)
+    clamp: float | None  # svd_clamp: the quantile at which the svd factors are clamped
+    full_matrices: bool  # torch.linalg.svd's full_matrices
+    driver: str | None  # torch.linalg.svd's driver
+    key: int | None  # DARE's seed (an int), None without dare_*
+    n: int  # how many adapters are merged
+    floor: torch.dtype  # the leaves' math runs in at least this dtype (float32 for plain-number weights)
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """A variant's adapter arithmetic (its optional ``MERGE`` member), for ``lite_fn.merging.merge_adapters``.
+
+    ``methods``: the combination types it supports, of ``lite_fn.merging.METHODS`` (peft's combination_type
+    values; ``("linear",)`` for one that only adds). ``check(path, name, present)``: raises ValueError naming
+    ``adapters[i][path][name]`` and the fix unless every present adapter's leaves are ones this rule combines,
+    unstacked, and agree in shape across the adapters; the result is unused. ``merge(path, present, w, opts)``:
+    the merged layer's leaves (in the first present adapter's dtype) from the present adapters' leaves and all
+    ``opts.n`` weights ``w`` (a 1-D tensor, possibly vmapped or gradient-tracking: the result must be a
+    function of it under torch.func.vmap and autograd); an adapter absent from ``present`` counts as the
+    variant's identity. ``what``: the leaves it combines, for messages ("low-rank leaves ['A', 'B', 'scale']").
+    ``rank(leaves)``: one adapter's rank at a layer (the default svd_rank), for rules that have one."""
+
+    methods: tuple[str, ...]
+    check: Callable[[str, str, MergePresent], object]
+    merge: Callable[[str, MergePresent, Tensor, MergeOptions], Leaves]
+    what: str
+    rank: Callable[[Leaves], int] | None = None
 
 
 REQUIRED = ("NAME", "TRAINABLE", "Config", "init", "apply", "shapes")
@@ -159,7 +214,9 @@ class VariantSpec:
         STEERING_LEAF: str               a scalar leaf that ``lf.with_alpha`` sets (AntiPaSTO's alpha)
         random_init(cfg) -> bool         whether init draws random numbers (default: True)
         stat(cfg, W) -> Stat | None      a calibration statistic, for data-driven inits
-        plan(stats, cfgs, dims) -> cfgs  a cross-layer step after calibration (EVA's rank budget)
+        plan(stats, cfgs, dims) -> cfgs  a cross-layer step before init, after calibration if any (stats is
+                                         empty without a statistic): EVA's rank budget, VeRA's shared
+                                         projection shape
         pad(path, present, K, own)       lf.stack(pad=True): leaves for all K adapters, equal in shape
         apply_runs(params, W, x, b)      K adapters (leaves with a leading axis K) on x (K, m..., d_in) at
                                          once, equal to vmap(apply) over that axis: a routed call's fast
@@ -170,6 +227,7 @@ class VariantSpec:
                                          must give the same result with or without them (lf.applied
                                          skips it: its block runs many forwards while leaves may change)
         PEFT: PeftCodec                  the variant's peft mapping (lf.load_peft / lf.save_peft)
+        MERGE: MergeRule                 the variant's adapter arithmetic (lite_fn.merging.merge_adapters)
     """
 
     NAME: str
@@ -186,6 +244,7 @@ class VariantSpec:
     apply_runs: Callable[..., Tensor] | None = None
     prepare: Callable[[dict[str, Leaves]], dict[str, Leaves]] | None = None
     PEFT: PeftCodec | None = None
+    MERGE: MergeRule | None = None
     source: Any = None  # the module or object it was built from
 
     @classmethod
@@ -208,14 +267,15 @@ class VariantSpec:
         trainable = variant.TRAINABLE
         if not isinstance(trainable, (set, frozenset)) or not all(isinstance(t, str) for t in trainable):
             raise TypeError(f"{variant.NAME}: TRAINABLE must be a frozenset of leaf names, got {trainable!r}")
-        codec = getattr(variant, "PEFT", None)
-        if codec is not None and not isinstance(codec, PeftCodec):
-            raise TypeError(
-                f"{variant.NAME}: PEFT must be a lite_fn._contract.PeftCodec (its peft mapping), got {type(codec).__name__}"
-            )
+        for member, kind, what in (("PEFT", PeftCodec, "its peft mapping"), ("MERGE", MergeRule, "its adapter arithmetic")):
+            value = getattr(variant, member, None)
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"{variant.NAME}: {member} must be a lite_fn._contract.{kind.__name__} ({what}), got {type(value).__name__}"
+                )
         optional = {
             k: getattr(variant, k)
-            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs", "prepare", "PEFT")
+            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs", "prepare", "PEFT", "MERGE")
             if hasattr(variant, k)
         }
         return cls(

@@ -49,13 +49,13 @@ def initial_params(
                 f"{type(cfg).__name__} initialises from data: pass calibration=<iterable of model inputs> to lf.init"
             )
         collect_statistics(model, stats, calibration, progress=progress, max_batches=max_batches, base=base)
-        if variant.plan is not None:
-            cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape) for p, W in weights.items()})
     elif calibration is not None:  # never ignore data the caller thought was used
         raise ValueError(
             f"{cfg!r} does not use calibration data; drop calibration=… (or use a data-driven config, "
             f"e.g. EVAConfig or AntiPaSTOConfig(select='data'))"
         )
+    if variant.plan is not None:  # cross-layer: EVA's rank budget (from its statistics), VeRA's projection shape
+        cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape) for p, W in weights.items()})
 
     out: Params = {}
     for p in paths:

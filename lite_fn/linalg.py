@@ -198,24 +198,29 @@ def eager_values(*tensors: Tensor) -> bool:
 def skew_from_triu(p: Tensor, bs: int) -> Tensor:
     """Strict upper-triangle params (..., bs(bs-1)/2) -> A = ½(P − Pᵀ), (..., bs, bs).
 
-    One product with a constant map (``_skew_map``) instead of an in-place scatter, so it vmaps.
+    One gather of the params (a zero prepended for the diagonal) times a constant ±½ sign
+    (``_skew_index``) instead of an in-place scatter, so it vmaps; memory and work grow with bs², not
+    with the bs⁴ of a dense map.
     """
-    build = _skew_map.__wrapped__ if torch.compiler.is_compiling() else _skew_map  # compile: traced, no cache
-    return rearrange(p @ build(bs, p.dtype, p.device), "... (i j) -> ... i j", i=bs)
+    build = _skew_index.__wrapped__ if torch.compiler.is_compiling() else _skew_index  # compile: traced, no cache
+    index, sign = build(bs, p.device)
+    padded = torch.cat([p.new_zeros(*p.shape[:-1], 1), p], dim=-1)
+    return (padded[..., index] * sign.to(p.dtype)).unflatten(-1, (bs, bs))
 
 
 @functools.lru_cache(maxsize=64)
-def _skew_map(bs: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The constant (bs(bs−1)/2, bs·bs) map from upper-triangle params to ½(P − Pᵀ), flattened:
-    +½ at (i, j) and −½ at (j, i) for each i < j. Built once per (bs, dtype, device), outside any
+def _skew_index(bs: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For the flattened (bs·bs) matrix: which param each entry takes (0: the prepended zero, k + 1:
+    param k) and its sign (+½ above the diagonal, −½ below). Built once per (bs, device), outside any
     inference mode (an inference tensor could not be saved for a later backward)."""
     with torch.inference_mode(False), torch.no_grad():
         rows, cols = torch.triu_indices(bs, bs, offset=1, device=device)
-        m = torch.zeros(rows.numel(), bs * bs, dtype=dtype, device=device)
-        k = torch.arange(rows.numel(), device=device)
-        m[k, rows * bs + cols] = 0.5
-        m[k, cols * bs + rows] = -0.5
-    return m
+        k = torch.arange(1, rows.numel() + 1, device=device)
+        index = torch.zeros(bs, bs, dtype=torch.long, device=device)
+        sign = torch.zeros(bs, bs, device=device)
+        index[rows, cols], index[cols, rows] = k, k
+        sign[rows, cols], sign[cols, rows] = 0.5, -0.5
+    return index.flatten(), sign.flatten()
 
 
 def cayley(X: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ MODULES = [
     "lite_fn.peft_io",
     "lite_fn.adapted",
     "lite_fn.train",
+    "lite_fn.merging",
 ]
 PUBLIC = [
     "init",
@@ -35,6 +36,7 @@ PUBLIC = [
     "register_variant",
     "load_peft",
     "save_peft",
+    "merge_adapters",
     "Adapted",
 ]
 

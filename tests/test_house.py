@@ -55,7 +55,7 @@ SHIFT = types.SimpleNamespace(
     PEFT=_contract.PeftCodec(
         format=SHIFT_FORMAT,
         claims=lambda cfg, path: True,
-        tensors=lambda cfg: ("shift_d",),
+        tensors=lambda cfg, layer: ("shift_d",),
         read=_shift_read,
         write=lambda leaves, layer: ({"shift_d": leaves["d"].detach()}, {}),
     ),

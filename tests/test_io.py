@@ -43,7 +43,7 @@ def lora(seed=1, model=None):
 
 
 def bits(t):
-    return t.detach().reshape(-1).view(torch.uint8)
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)  # stacked frozen leaves may be stride-0 views
 
 
 def assert_same(back, params):

@@ -514,8 +514,9 @@ def test_load_refuses_edited_configs_naming_the_field(fields, match, tmp_path):
 
 def test_load_refuses_other_peft_types_and_hra_gram_schmidt(tmp_path):
     base = tiny("llama")
-    d = saved(moved_peft(base, peft.LoKrConfig(r=4, target_modules=["q_proj"])), tmp_path, "lokr")
-    with pytest.raises(ValueError, match=r"peft_type='LOKR'; lite_fn reads \['DELORA', 'HRA', 'IA3', 'LORA', 'ROAD'\]"):
+    d = saved(moved_peft(base, peft.FourierFTConfig(n_frequency=16, target_modules=["q_proj"])), tmp_path, "fourierft")
+    readable = r"\['BOFT', 'DELORA', 'HRA', 'IA3', 'LOHA', 'LOKR', 'LORA', 'OFT', 'ROAD', 'VERA'\]"
+    with pytest.raises(ValueError, match=rf"peft_type='FOURIERFT'; lite_fn reads {readable}"):
         lf.load_peft(d, model=base)
     d = saved(moved_peft(base, peft.HRAConfig(r=4, target_modules=["q_proj"])), tmp_path, "hra")
     edit_config(d, apply_GS=True)

@@ -53,6 +53,8 @@ _METADATA_FIELDS = frozenset(
 )
 # Fields every peft type has, judged here: modules_to_save (refused when it matches a module).
 _ROOM_FIELDS = frozenset({"modules_to_save"})
+# The key prefix of a format's model-level (``shared``) tensors: "base_model.vera_A".
+_MODEL_PREFIX = "base_model."
 
 
 def _unset(v) -> bool:
@@ -74,6 +76,7 @@ class _FileConfig:
 
     def __init__(self, fields: Mapping[str, Any], where: str, file: str):
         self.fields, self.where, self.file = fields, where, file
+        self.dims: Mapping[str, tuple[int, int]] = {}  # set once the targeted modules are known
 
     def get(self, field: str, default: Any = None) -> Any:
         return self.fields.get(field, default)
@@ -212,7 +215,8 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
 
     Returns:
         ``{module_path: {variant: {leaf: Tensor}}}``, each layer as the variant whose peft codec reads
-        it (LoRA files: lora, dora or pissa; IA3: ia3 or ia3_ff; HRA, DeLoRA, RoAd: themselves); leaves
+        it (LoRA files: lora, dora or pissa; IA3: ia3 or ia3_ff; HRA, DeLoRA, RoAd, OFT, BOFT, LoHa, LoKr,
+        VeRA: themselves); leaves
         in each layer weight's dtype and device, trainability as each variant declares it.
 
     Raises:
@@ -251,7 +255,11 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
 
     _refuse_foreign_tensors(tensors, weights_file)
     by_path: dict[str, dict[str, Tensor]] = {}
+    shared: dict[str, Tensor] = {}  # the format's model-level tensors, handed to every layer's codec
     for key, t in tensors.items():
+        if key.removeprefix(_MODEL_PREFIX) in fmt.shared:
+            shared[key.removeprefix(_MODEL_PREFIX)] = t
+            continue
         mpath, suffix = _split_key(key, fmt, weights_file)
         by_path.setdefault(mpath, {})[suffix] = t
 
@@ -270,17 +278,26 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
         )
 
     modules = dict(model.named_modules())
-    params: dict = {}
-    for mpath in targets:  # model order
-        module, found = modules[mpath], by_path[mpath]
+    kinds = {}
+    for mpath in targets:
         try:
-            layer_kind = _layers.kind_of(module, mpath)
+            kinds[mpath] = _layers.kind_of(modules[mpath], mpath)
         except TypeError as e:
             raise ValueError(f"{where} targets {mpath!r}: {e}") from None
+    dims = {}  # every target's (d_out, d_in), for codecs of shared tensors (VeRA's projections)
+    for p, k in kinds.items():
+        d_out, d_in = _layers.weight_view(modules[p], k).shape
+        dims[p] = (d_out, d_in)
+    cfg.dims = dims
+    params: dict = {}
+    for mpath in targets:  # model order
+        module, found, layer_kind = modules[mpath], {**by_path[mpath], **shared}, kinds[mpath]
         name, codec = _reader(cfg, fmt, mpath)
-        need = codec.tensors(cfg)
+        W = _layers.values(_layers.weight_view(module, layer_kind))
+        layer = PeftLayer(mpath, layer_kind.name, W, found)
+        need = codec.tensors(cfg, layer)
         absent = [s for s in need if s not in found]
-        unexpected = [s for s in found if s not in need]
+        unexpected = sorted(s for s in found if s not in need)
         if absent or unexpected:
             raise ValueError(
                 f"{weights_file!r}: module {mpath!r} (read as {name}) "
@@ -288,10 +305,10 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
                     ([f"lacks tensor(s) {absent}"] if absent else [])
                     + ([f"has tensor(s) {unexpected} that {name} does not use"] if unexpected else [])
                 )
+                + f" (under this config, {name} at this layer holds exactly {list(need)}; the files do not belong together)"
             )
-        W = _layers.values(_layers.weight_view(module, layer_kind))
         assert codec.read is not None  # claims is set only with read
-        leaves = codec.read(cfg, PeftLayer(mpath, layer_kind.name, W, found))
+        leaves = codec.read(cfg, layer)
         params[mpath] = {name: {k: _leaf(v, W) for k, v in leaves.items()}}
     io.check_against(model, params, source=f"peft adapter {folder!r}")
     return trees.declared(params)
@@ -358,6 +375,8 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         "modules_to_save": None,
         **fmt.config(written_layers, facts, _Writer(paths)),
     }
+    for name, t in fmt.shared_tensors(written_layers, facts).items():  # after fmt.config: it refuses first
+        tensors[f"{_MODEL_PREFIX}{name}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
     cfg["target_modules"] = _matcher.target_spec(paths, model, cfg)
     got = _matcher.target_paths(cfg, model, "save_peft")
     if sorted(got) != sorted(paths):  # never write a config that targets other modules than the tensors
@@ -377,7 +396,7 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
             README.md); anything else in it is never deleted (an error names it).
         params: one adapter (not stacked) of variants peft can hold together, as each variant's codec
             writes it: LoRA / rsLoRA / EVA / PiSSA / AntiPaSTO (written as LoRA), DoRA, IA3 + IA3-FF,
-            HRA, DeLoRA or RoAd.
+            HRA, DeLoRA, RoAd, OFT, BOFT, LoHa, LoKr or VeRA.
         model: the base model; checks the params, gives ``fan_in_fan_out`` (Conv1D) and
             ``base_model_name_or_path``.
 

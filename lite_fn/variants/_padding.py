@@ -38,19 +38,21 @@ def same_leaf_names(name: str, path: str, present: dict) -> None:
         refuse(name, path, f"the adapters hold different leaves there: {names}")
 
 
-def lowrank(name: str, path: str, present: dict, K: int, axes: dict[str, int]) -> dict:
+def lowrank(name: str, path: str, present: dict, K: int, axes: dict[str, int], zero=None) -> dict:
     """Zero rank rows/columns (``axes``: the rank axis of each leaf that has one) up to the largest r;
-    an adapter that does not target the layer gets all-zero factors (its update is exactly 0 whatever
-    the other leaves, which are copied from another adapter)."""
+    an adapter that does not target the layer gets all-zero factors (``zero``: the leaves zeroed,
+    default those in ``axes``; its update is exactly 0 whatever the other leaves, which are copied from
+    another adapter)."""
     same_leaf_names(name, path, present)
-    R = max(leaves["A"].shape[0] for leaves in present.values())
+    zero = axes.keys() if zero is None else zero
+    R = max((v[leaf].shape[ax] for v in present.values() for leaf, ax in axes.items() if leaf in v), default=0)
     out = {
         k: {leaf: (grown(v, R, axes[leaf]) if leaf in axes else v) for leaf, v in leaves.items()} for k, leaves in present.items()
     }
     donor = out[min(present)]
     for k in range(K):
         if k not in out:
-            out[k] = {leaf: (torch.zeros_like(v) if leaf in axes else v.detach().clone()) for leaf, v in donor.items()}
+            out[k] = {leaf: (torch.zeros_like(v) if leaf in zero else v.detach().clone()) for leaf, v in donor.items()}
     return out
 
 

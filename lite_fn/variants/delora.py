@@ -159,5 +159,5 @@ PEFT_DELORA = PeftFormat(
 )
 
 PEFT = PeftCodec(
-    format=PEFT_DELORA, claims=lambda cfg, path: True, tensors=lambda cfg: _TENSORS, read=_peft_read, write=_peft_write
+    format=PEFT_DELORA, claims=lambda cfg, path: True, tensors=lambda cfg, layer: _TENSORS, read=_peft_read, write=_peft_write
 )

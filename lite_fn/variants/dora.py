@@ -128,7 +128,7 @@ PEFT = PeftCodec(
     format=PEFT_LORA,
     group="LORA (use_dora)",  # one peft LoRA file is DoRA on all its layers or on none
     claims=lambda cfg, path: bool(cfg.get("use_dora")),
-    tensors=lambda cfg: _DORA_TENSORS,
+    tensors=lambda cfg, layer: _DORA_TENSORS,
     read=_peft_read,
     write=_peft_write,
 )

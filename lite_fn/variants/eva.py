@@ -49,9 +49,10 @@ from torch import Tensor
 
 from .. import _checks, _keys
 from .._contract import PeftCodec, never_random
-from . import _padding, lora
+from . import _arithmetic, _padding, lora
 
 __all__ = [
+    "MERGE",
     "NAME",
     "PEFT",
     "TRAINABLE",
@@ -70,6 +71,7 @@ __all__ = [
 NAME = "eva"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 apply_runs = lora.apply_runs  # the same leaves and product as LoRA
+MERGE = _arithmetic.LOWRANK  # adapter arithmetic (merge_adapters): LoRA's, the same leaves
 
 random_init = never_random  # init draws no random numbers
 

@@ -141,7 +141,7 @@ PEFT_HRA = PeftFormat(
 PEFT = PeftCodec(
     format=PEFT_HRA,
     claims=lambda cfg, path: True,
-    tensors=lambda cfg: ("hra_u",),
+    tensors=lambda cfg, layer: ("hra_u",),
     read=_peft_read,
     write=lambda leaves, layer: ({"hra_u": leaves["U"].detach().T}, {"r": leaves["U"].shape[0]}),
 )

@@ -21,12 +21,13 @@ from torch import Tensor
 
 from .. import _checks, _keys
 from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter, never_random
-from . import _padding
+from . import _arithmetic, _padding
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "IA3Config", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["MERGE", "NAME", "PEFT", "TRAINABLE", "Config", "IA3Config", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "ia3"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
+MERGE = _arithmetic.GAIN  # adapter arithmetic (merge_adapters): g = Σ w_i g_i
 
 random_init = never_random  # init draws no random numbers
 
@@ -122,7 +123,7 @@ PEFT_IA3 = PeftFormat(
 PEFT = PeftCodec(
     format=PEFT_IA3,
     claims=lambda cfg, path: not is_feedforward(cfg, path),
-    tensors=lambda cfg: ("ia3_l",),
+    tensors=lambda cfg, layer: ("ia3_l",),
     read=lambda cfg, layer: peft_gain(cfg, layer, feedforward=False),
     write=lambda leaves, layer: ({"ia3_l": leaves["g"].detach().reshape(-1, 1)}, {"feedforward": False}),
 )

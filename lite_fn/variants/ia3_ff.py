@@ -19,13 +19,14 @@ from torch import Tensor
 
 from .. import _checks, _keys
 from .._contract import PeftCodec, never_random
-from . import _padding
+from . import _arithmetic, _padding
 from .ia3 import PEFT_IA3, is_feedforward, ones_gain, peft_gain
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "IA3FFConfig", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["MERGE", "NAME", "PEFT", "TRAINABLE", "Config", "IA3FFConfig", "apply", "init", "pad", "random_init", "shapes"]
 NAME = "ia3_ff"
 TRAINABLE = frozenset({"g"})  # leaves an optimizer updates
+MERGE = _arithmetic.GAIN  # adapter arithmetic (merge_adapters): g = Σ w_i g_i
 
 random_init = never_random  # init draws no random numbers
 
@@ -62,7 +63,7 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
 PEFT = PeftCodec(
     format=PEFT_IA3,
     claims=is_feedforward,
-    tensors=lambda cfg: ("ia3_l",),
+    tensors=lambda cfg, layer: ("ia3_l",),
     read=lambda cfg, layer: peft_gain(cfg, layer, feedforward=True),
     write=lambda leaves, layer: ({"ia3_l": leaves["g"].detach().reshape(1, -1)}, {"feedforward": True}),
 )

@@ -27,9 +27,10 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
-from . import _padding
+from . import _arithmetic, _padding
 
 __all__ = [
+    "MERGE",
     "NAME",
     "PEFT",
     "TRAINABLE",
@@ -43,6 +44,7 @@ __all__ = [
 ]  # the variant contract; other names are shared helpers
 NAME = "lora"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
+MERGE = _arithmetic.LOWRANK  # adapter arithmetic (merge_adapters): all of peft's combination types
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,7 @@ PEFT_LORA = PeftFormat(
 PEFT = PeftCodec(
     format=PEFT_LORA,
     claims=lambda cfg, path: not cfg.get("use_dora") and peft_init(cfg) == "plain",
-    tensors=lambda cfg: ("lora_A.weight", "lora_B.weight"),
+    tensors=lambda cfg, layer: ("lora_A.weight", "lora_B.weight"),
     read=peft_factors,
     write=lambda leaves, layer: peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer.path),
 )

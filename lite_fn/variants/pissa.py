@@ -171,7 +171,7 @@ def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, 
 PEFT = PeftCodec(
     format=PEFT_LORA,
     claims=lambda cfg, path: not cfg.get("use_dora") and peft_init(cfg) == "residual",
-    tensors=lambda cfg: ("lora_A.weight", "lora_B.weight"),
+    tensors=lambda cfg, layer: ("lora_A.weight", "lora_B.weight"),
     read=_peft_read,
     write=_peft_write,
 )

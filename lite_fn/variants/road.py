@@ -216,5 +216,5 @@ PEFT_ROAD = PeftFormat(
 )
 
 PEFT = PeftCodec(
-    format=PEFT_ROAD, claims=lambda cfg, path: True, tensors=lambda cfg: _TENSORS, read=_peft_read, write=_peft_write
+    format=PEFT_ROAD, claims=lambda cfg, path: True, tensors=lambda cfg, layer: _TENSORS, read=_peft_read, write=_peft_write
 )
