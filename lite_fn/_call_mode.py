@@ -42,7 +42,14 @@ def mode_for(model, params, route, freeze_base, base, key=None, one_forward=True
     segments = None if route is None or K is None else _routing.segments(route, K)
     is_light = light(swap, route, base, one_forward)
     layers = [
-        _inject.Layer(e.path, e.module, e.kind, layer_handler(e, route, key, segments, is_light), _float_weight_dtype(e.module))
+        _inject.Layer(
+            e.path,
+            e.module,
+            e.kind,
+            layer_handler(e, route, key, segments, is_light),
+            _float_weight_dtype(e.module),
+            input_handler(e, key) if is_light else None,
+        )
         for e in entries
     ]
     owner = "lf.call" if one_forward else "lf.applied"
@@ -111,6 +118,15 @@ def layer_handler(
     if seed is None:
         return row_handler(lambda x, W, b: variant.apply(leaves, W, x, b), entry.kind, light)
     return row_handler(lambda x, W, b: variant.apply(leaves, W, x, b, _routing.dropout_noise(seed, x)), entry.kind, light)
+
+
+def input_handler(entry: _plan.Entry, key) -> Callable[[Tensor], Tensor] | None:
+    """x -> the input the layer itself then computes the adapted output from, for a variant that only
+    transforms the input (its ``apply_input``) on an op kind's own call (no dropout noise); else None."""
+    variant, leaves = entry.variant, entry.leaves
+    if variant.apply_input is None or entry.kind.op is None or (key is not None and "dropout" in leaves):
+        return None
+    return lambda x: variant.apply_input(leaves, x)  # pyright: ignore[reportOptionalCall]
 
 
 def row_handler(

@@ -226,6 +226,9 @@ class VariantSpec:
                                          per-call weight math done for all layers at once); ``apply``
                                          must give the same result with or without them (lf.applied
                                          skips it: its block runs many forwards while leaves may change)
+        apply_input(params, x) -> x'     for a variant with apply(params, W, x, b) == F.linear(apply_input(params, x),
+                                         W, b) (it only transforms the input: OFT, IA3-FF): when adapters act around
+                                         the layer's own call, the layer then runs once, on x'
         PEFT: PeftCodec                  the variant's peft mapping (lf.load_peft / lf.save_peft)
         MERGE: MergeRule                 the variant's adapter arithmetic (lite_fn.merging.merge_adapters)
     """
@@ -243,6 +246,7 @@ class VariantSpec:
     pad: Callable[[str, dict, int, Callable], dict] | None = None
     apply_runs: Callable[..., Tensor] | None = None
     prepare: Callable[[dict[str, Leaves]], dict[str, Leaves]] | None = None
+    apply_input: Callable[[Leaves, Tensor], Tensor] | None = None
     PEFT: PeftCodec | None = None
     MERGE: MergeRule | None = None
     source: Any = None  # the module or object it was built from
@@ -275,7 +279,18 @@ class VariantSpec:
                 )
         optional = {
             k: getattr(variant, k)
-            for k in ("STEERING_LEAF", "random_init", "stat", "plan", "pad", "apply_runs", "prepare", "PEFT", "MERGE")
+            for k in (
+                "STEERING_LEAF",
+                "random_init",
+                "stat",
+                "plan",
+                "pad",
+                "apply_runs",
+                "prepare",
+                "apply_input",
+                "PEFT",
+                "MERGE",
+            )
             if hasattr(variant, k)
         }
         return cls(

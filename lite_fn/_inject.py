@@ -69,6 +69,9 @@ class Layer(NamedTuple):
     kind: LayerKind
     handler: Handler
     dtype: torch.dtype | None = None  # the weight's dtype the leaves were checked against (None: not checked)
+    # light path, a variant that only transforms the layer's input (its ``apply_input``): x -> x', given to
+    # the layer itself by the forward pre-hook, so the layer's one product is the adapted output
+    input_handler: Callable[[Tensor], Tensor] | None = None
 
 
 _CHECKPOINT_HINT = (
@@ -307,6 +310,7 @@ class _ThreadModes(threading.local):
         self.pushed: set[int] = set()  # ids of light modes now on torch's mode stack (on this thread)
         self.groups: list[tuple[object, list[_Mode]]] = []  # (who pushed them: a module or a mode, the light modes)
         self.checkpoints: list = []  # pack hooks of the torch.utils.checkpoint regions opened with checkpoint_context
+        self.adapted_inputs: list[nn.Module] = []  # modules now running on an input their pre-hook adapted
 
 
 _local = _ThreadModes()
@@ -318,6 +322,10 @@ def _module_hook(module: nn.Module, args: tuple, output):
     stack = _local.modes
     if not stack:
         return None
+    adapted = _local.adapted_inputs
+    if adapted and adapted[-1] is module:
+        adapted.pop()
+        return None  # its pre-hook gave it the adapted input: the output is already the adapted one
     for m in reversed(stack):  # the innermost active call that targets this module adapts it
         layer = m.by_module.get(id(module))
         if layer is not None and layer.module is module:
@@ -354,10 +362,24 @@ def _pre_hook(module: nn.Module, args: tuple):
             if m.light and id(m) not in _local.pushed and m.needs_ops() and m.covers(module):
                 _push_lights(module)  # this call (and everything it calls) runs op by op
                 return None
+    if stack:
+        for m in reversed(stack):  # the innermost active call that targets this module adapts it (as _module_hook)
+            layer = m.by_module.get(id(module))
+            if layer is not None and layer.module is module:
+                if layer.input_handler is None or id(m) in _local.pushed or not args or not isinstance(args[0], Tensor):
+                    return None
+                m._entering(layer)
+                x = layer.input_handler(args[0])
+                m.hit.add(layer.path)
+                _local.adapted_inputs.append(module)  # popped by _module_hook, or by _pop_hook if the forward raises
+                return (x, *args[1:])
     return None
 
 
 def _pop_hook(module: nn.Module, args: tuple, output):
+    adapted = _local.adapted_inputs
+    if adapted and adapted[-1] is module:  # the forward raised before _module_hook saw it
+        adapted.pop()
     groups = _local.groups
     if groups and groups[-1][0] is module:
         _pop_lights(module)
@@ -370,7 +392,7 @@ def _install_module_hook() -> None:
             register = nn.modules.module
             _hook_handle = (
                 register.register_module_forward_hook(_module_hook),  # pyright: ignore[reportArgumentType]  (a forward hook may return a new output; torch annotates None)
-                register.register_module_forward_pre_hook(_pre_hook),
+                register.register_module_forward_pre_hook(_pre_hook),  # pyright: ignore[reportArgumentType]  (a pre-hook may return new args)
                 register.register_module_forward_hook(_pop_hook, always_call=True),  # after _module_hook, also on errors
             )
 

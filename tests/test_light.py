@@ -3,14 +3,16 @@ substituting) and the remembered per-call plan: both must give exactly what the 
 and notice every change to params or model between calls."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import moved
 from models import tiny, tokens
 
 import lite_fn as lf
-from lite_fn import runtime
+from lite_fn import _inject, runtime
 
 TARGETS = r"(q_proj|v_proj|down_proj)$"
 
@@ -142,3 +144,55 @@ def test_a_forward_that_turns_gradients_on_inside_a_gradient_free_call_keeps_the
         grads = torch.autograd.grad(out.sum(), [net.a.weight, net.b.weight, *lf.trainable(params)], allow_unused=True)
         assert grads[0] is None and grads[1] is None  # the base weights were detached
         assert all(g is not None for g in grads[2:])
+
+
+INPUT_SIDE = [name for name, spec in lf.REGISTRY.items() if spec.apply_input is not None]
+
+
+def test_input_side_variants_declare_it():
+    assert {"oft", "ia3_ff"} <= set(INPUT_SIDE)
+
+
+@pytest.mark.parametrize("name", INPUT_SIDE)
+def test_input_side_variants_run_the_layer_once_on_the_adapted_input(name):
+    """A variant that only transforms the layer's input (apply_input) is applied by the forward pre-hook on
+    the light path: the layer computes its one product on x', equal to apply (and to the op-by-op path)."""
+    from cases import all_cases
+
+    cfg = next(c for n, c in all_cases() if n == name)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 24))
+    params = moved(lf.init(0, net, cfg), seed=3)
+    x = torch.randn(5, 24)
+    spec = lf.REGISTRY[name]
+    leaves = params["0"][name]
+    assert torch.equal(
+        spec.apply(leaves, net[0].weight, x, net[0].bias), F.linear(spec.apply_input(leaves, x), net[0].weight, net[0].bias)
+    )
+    want = lf.call(net, params, x)  # trainable base, gradients on: op by op
+    calls = []
+    lf.REGISTRY[name] = dataclasses.replace(spec, apply=lambda *a, **k: calls.append(1) or spec.apply(*a, **k))
+    try:
+        with torch.no_grad():
+            light = lf.call(net, params, x)
+        frozen = copy.deepcopy(net).requires_grad_(False)
+        trained = lf.call(frozen, params, x)
+        with lf.applied(frozen, params):
+            block = frozen(x)
+    finally:
+        lf.REGISTRY[name] = spec
+    assert calls == []  # never the output-side apply: the layers ran on the adapted input
+    assert torch.equal(light, want) and torch.equal(trained, want) and torch.equal(block, want)
+    g_light = torch.autograd.grad(trained.square().sum(), lf.trainable(params))
+    g_ops = torch.autograd.grad(lf.call(net, params, x).square().sum(), lf.trainable(params))
+    assert all(torch.equal(a, b) for a, b in zip(g_light, g_ops))
+
+
+def test_a_forward_that_raises_after_the_input_pre_hook_leaves_nothing_behind():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8)).requires_grad_(False)
+    params = moved(lf.init(0, net, lf.IA3FFConfig()), seed=1)
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError):  # float64 input: the pre-hook scales it, then F.linear refuses the dtype mix
+        lf.call(net, params, x.double())
+    assert _inject._local.adapted_inputs == []
+    assert torch.equal(lf.call(net, params, x), F.linear(x * params["0"]["ia3_ff"]["g"], net[0].weight, net[0].bias))

@@ -559,3 +559,29 @@ def test_parity_with_peft_on_a_4bit_base(tmp_path):
         layer = pm.base_model.model.get_submodule(p)
         for leaf in ("lambda_d", "lambda_b"):
             assert rel_err(theirs[p]["vera"][leaf].grad, getattr(layer, f"vera_{leaf}")["default"].grad) <= 1e-4, (p, leaf)
+
+
+def test_stacked_adapters_share_the_projections():
+    """K VeRA adapters of one projection key hold A, B once when stacked (stride 0 on K): the point of VeRA's
+    shared random pair; vmap and route still equal the loop."""
+    net = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.Tanh(), torch.nn.Linear(24, 16))
+    gen = torch.Generator().manual_seed(0)
+    ps = []
+    for k in range(6):
+        p = lf.init(k, net, VeRAConfig(r=8))
+        ps.append(
+            {
+                q: {"vera": {**lv["vera"], "lambda_b": torch.randn(lv["vera"]["lambda_b"].shape, generator=gen)}}
+                for q, lv in p.items()
+            }
+        )
+    stacked = lf.stack(ps)
+    for q in stacked:
+        leaves = stacked[q]["vera"]
+        assert leaves["A"].stride(0) == 0 and leaves["B"].stride(0) == 0, q
+        assert leaves["lambda_b"].stride(0) != 0 and leaves["lambda_d"].stride(0) != 0, q
+    x = torch.randn(6, 3, 24, generator=gen)
+    loop = torch.stack([lf.call(net, p, x[k]) for k, p in enumerate(ps)])
+    assert torch.allclose(torch.func.vmap(lambda p, xk: lf.call(net, p, xk))(stacked, x), loop, atol=1e-6)
+    routed = lf.call(net, stacked, x[:, 0], route=torch.arange(6))
+    assert torch.allclose(routed, loop[:, 0], atol=1e-6)

@@ -53,10 +53,14 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     return _padding.gain(NAME, path, present, K)
 
 
+def apply_input(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """x ⊙ g: all this variant does (the layer itself then computes (x ⊙ g) Wᵀ + b)."""
+    return x * params["g"]  # (..., i) ⊙ (i,)
+
+
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "ia3_ff.apply")
-    xg = x * params["g"]  # (..., i) ⊙ (i,)
-    return torch.nn.functional.linear(xg, W, b)
+    return torch.nn.functional.linear(apply_input(params, x), W, b)
 
 
 # peft: IA3 with the layer in feedforward_modules, ia3_l of shape (1, d_in).

@@ -48,7 +48,7 @@ from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
 from . import _padding
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "OFTConfig", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "OFTConfig", "apply", "apply_input", "init", "pad", "random_init", "shapes"]
 NAME = "oft"
 TRAINABLE = frozenset({"Q"})  # leaves an optimizer updates
 
@@ -242,12 +242,16 @@ def rotation_minus_identity(params: dict[str, Tensor], bs: int) -> Tensor:
     return K
 
 
+def apply_input(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """x · blockdiag(R): all this variant does to the layer (which then computes (x R) Wᵀ + b)."""
+    bs, n = _layout(tuple(params["Q"].shape), x.shape[-1], "oft.apply")
+    K = rotation_minus_identity(params, bs).to(x.dtype)  # (rows, bs, bs)
+    return x + linalg.block_rotate(x, K.expand(n, bs, bs))  # exactly x at Q = 0
+
+
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "oft.apply")
-    bs, n = _layout(tuple(params["Q"].shape), W.shape[-1], "oft.apply")
-    K = rotation_minus_identity(params, bs).to(x.dtype)  # (rows, bs, bs)
-    rotated = x + linalg.block_rotate(x, K.expand(n, bs, bs))  # x · blockdiag(R), exactly x at Q = 0
-    return torch.nn.functional.linear(rotated, W, b)
+    return torch.nn.functional.linear(apply_input(params, x), W, b)
 
 
 def pad(path: str, present: dict, K: int, own) -> dict:
