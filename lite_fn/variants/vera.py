@@ -17,8 +17,9 @@ So a layer's A and B depend on (key, r, D_out, D_in), never on lite_fn's init ke
 layer holds its own slices of the same two matrices, and lf.init reproduces peft's values bit for bit.
 
 Identity at init: λ_b = 0 (exact).
-Two rank-r GEMMs per token, as LoRA: h = λ_d ⊙ (x̃ Aᵀ), then h (λ_b ⊙ B)ᵀ accumulated into the layer's own
-product (``linalg.linear_add``); λ_b scales B's rows (d_out·r numbers), never the d_out-wide output.
+Two rank-r GEMMs per token, as LoRA: h = λ_d ⊙ (x̃ Aᵀ), then λ_b ⊙ (h Bᵀ) added to the layer's own
+product (one addcmul); scaling the output (as peft) keeps λ_b's gradient elementwise, where scaling B's
+rows would cost a (d_out, r) GEMM per step in backward (routed runs, ``apply_runs``, scale B instead).
 Dropout (peft's vera_dropout) as LoRA's, on the adapter branch's input x̃, with the runtime's explicit noise.
 Deviation: lf.init refuses r > min(d_out, d_in), as for LoRA (the update's rank cannot exceed it); peft
 allows it, and such peft files still load.
@@ -182,7 +183,8 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     _checks.check_input(x, W, "vera.apply")
     _check_params(params, W, "vera.apply")
     h = torch.nn.functional.linear(lora.dropped(params, x, noise), params["A"]) * params["lambda_d"]  # (..., r)
-    return linalg.linear_add(x, W, b, h, params["lambda_b"].unsqueeze(-1) * params["B"])  # λ_b ⊙ B: (d_out, r)
+    # λ_b scales the d_out-wide product (as peft): its gradient is then elementwise, not a (d_out, r) GEMM
+    return torch.addcmul(torch.nn.functional.linear(x, W, b), torch.nn.functional.linear(h, params["B"]), params["lambda_b"])
 
 
 def apply_runs(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
