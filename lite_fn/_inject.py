@@ -233,7 +233,7 @@ class _Mode(TorchFunctionMode):
         b = getattr(layer.module, "bias", None)
         b = None if b is None else self._value(b)
         # a Tensor to the variant: its F.linear of x is the output the layer just computed; shape, dtype, values
-        W = QuantizedWeight(layer.module, layer.kind, x, output)
+        W = QuantizedWeight(layer.module, layer.kind, x, output, b)
         return layer.handler(x, W, b, lambda: output)  # type: ignore[arg-type]
 
     def _match(self, func, args, kwargs) -> Layer | None:

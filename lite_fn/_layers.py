@@ -181,8 +181,14 @@ class QuantizedWeight:
 
     ndim = 2
 
-    def __init__(self, module: Any, kind: LayerKind, x: Tensor | None = None, y: Tensor | None = None):
+    def __init__(
+        self, module: Any, kind: LayerKind, x: Tensor | None = None, y: Tensor | None = None, bias: Tensor | None = None
+    ):
+        # bias: the value of the module's bias that its call used (detached while the base is frozen); the
+        # output ``y`` is compared with and stripped of that value, never of the parameter itself (whose
+        # gradient would otherwise reach the base model through y − bias)
         self.module, self.kind, self._x, self._y = module, kind, x, y
+        self.bias_value = bias if bias is not None else getattr(module, "bias", None)
         if hasattr(module, "out_features"):
             self.shape = torch.Size((module.out_features, module.in_features))
         else:  # Conv1D: its stored weight is (d_in, d_out)
@@ -195,10 +201,10 @@ class QuantizedWeight:
         return self.kind.dense(self.module.weight).to(self.dtype).detach()
 
     def linear(self, x: Tensor, b: Tensor | None) -> Tensor:
-        own_bias = self.module.bias
+        own_bias = self.bias_value
         if self._x is not None and x is self._x:
             if b is None and own_bias is not None:
-                return self._y - own_bias  # peft's DoRA subtracts the bias from the base result the same way
+                return self._y - own_bias  # type: ignore[operator]  # peft's DoRA subtracts the bias from the base result the same way
             if b is None or own_bias is None or b is own_bias or torch.equal(b, own_bias):
                 y, self._x, self._y = self._y, None, None  # handed out once: the caller may add into it in place
                 return y  # type: ignore[return-value]

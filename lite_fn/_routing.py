@@ -141,7 +141,7 @@ def _per_adapter_groups(
     for k in torch.unique(route).tolist():
         index = (route == k).nonzero().squeeze(1)
         x_k = xs[index]
-        W_k = _layers.QuantizedWeight(W.module, W.kind, x_k, None if ys is None else ys[index])
+        W_k = _layers.QuantizedWeight(W.module, W.kind, x_k, None if ys is None else ys[index], W.bias_value)
         extra = () if noise is None else (noise[index],)
         y_k = variant.apply(tree_map(lambda v: v[k], leaves), W_k, x_k, b, *extra)
         out = y_k.new_zeros((xs.shape[0], *y_k.shape[1:])) if out is None else out

@@ -254,3 +254,27 @@ def test_peft_files_on_a_quantized_base(tmp_path):
         assert torch.equal(lf.call(model, back, x).logits, ours)
         ref = peft.PeftModel.from_pretrained(quantized("nf4", train=True), str(tmp_path / "qlora"), is_trainable=True)(x).logits
     assert rel_err(ref, ours) <= 1e-5  # peft's QLoRA on the same 4-bit base reads the same adapter
+
+
+@pytest.mark.parametrize("cfg", [lf.DoRAConfig(r=2), lf.LoRAConfig(r=2), lf.OFTConfig(oft_block_size=8), lf.IA3FFConfig()])
+def test_a_trainable_bias_of_a_quantized_layer_gets_no_gradient(cfg, tmp_path):
+    """Qwen2's q/k/v carry biases, which stay trainable parameters in a 4-bit model: the adapters must see the
+    bias's value only (DoRA subtracts it from the layer's output), so no gradient reaches the base model."""
+    import warnings
+
+    torch.manual_seed(0)
+    config = tf.Qwen2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    )
+    tf.Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=tf.BitsAndBytesConfig(**QUANT["nf4"]), device_map="cpu"
+        ).train()
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q.bias is not None and q.bias.requires_grad
+    params = moved(lf.init(0, model, cfg, targets=r"(q_proj|v_proj)$"), seed=1)
+    lf.call(model, params, tokens()).logits.square().mean().backward()
+    assert all(t.grad is not None for t in lf.trainable(params))
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
