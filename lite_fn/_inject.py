@@ -119,6 +119,8 @@ class _Mode(TorchFunctionMode):
         # swap only detaches (no base= values): an op run without gradient gets the same result either way
         self.detach_only = detach_only
         self.by_op: dict = {}
+        # whether a layer takes its adapter on its input (light path): only then does the pre-hook look it up
+        self.adapts_inputs = any(layer.input_handler is not None for layer in layers)
         self.by_module: dict[int, Layer] = {}
         for layer in layers:
             if layer.kind.op is None or self.light:
@@ -362,7 +364,7 @@ def _pre_hook(module: nn.Module, args: tuple):
             if m.light and id(m) not in _local.pushed and m.needs_ops() and m.covers(module):
                 _push_lights(module)  # this call (and everything it calls) runs op by op
                 return None
-    if stack:
+    if stack and any(m.adapts_inputs for m in stack):  # every module call passes here: look up only if needed
         for m in reversed(stack):  # the innermost active call that targets this module adapts it (as _module_hook)
             layer = m.by_module.get(id(module))
             if layer is not None and layer.module is module:
