@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from . import _base, _inject, _keys, _layers, _plan, _routing
+from . import _base, _inject, _keys, _layers, _plan, _routing, variants
 
 
 def mode_for(model, params, route, freeze_base, base, key=None, one_forward=True):
@@ -23,15 +23,31 @@ def mode_for(model, params, route, freeze_base, base, key=None, one_forward=True
         if base is None and route is None and not torch.is_grad_enabled()
         else None
     )
-    if replayed is not None:
+    aliases: dict[int, list[str]] = {}
+    if replayed is not None:  # a remembered plan was made on a model without tied weights
         (entries, K), swap = replayed, None
     else:
         swap, aliases = _base.swap_map(model, base, freeze_base)
         entries, K = _plan.planned_entries(model, params, swap, aliases, batch_dims)
+    substituted = [e for e in entries if e.kind.substitute]
     if route is not None:
+        if substituted:
+            e = substituted[0]
+            raise ValueError(
+                f"route= cannot adapt {e.path!r} (a {e.kind.name}, adapted by substituting its merged weight, one per "
+                f"call): evaluate the K stacked adapters with torch.func.vmap(lambda p, x: lf.call(model, p, x))"
+                f"(stacked, xs), or leave such layers out of the stacked params"
+            )
         route = _routing.check_route(route, K)
     if key is not None:
         _keys.as_seed(key)  # a clear error for a bad key
+        noisy = [e.path for e in substituted if "dropout" in e.leaves]
+        if noisy:
+            raise ValueError(
+                f"key= turns on adapter dropout, but {noisy[:3]} {'are layers' if len(noisy) > 1 else 'is a layer'} "
+                f"adapted by weight substitution ({substituted[0].kind.name}), where dropout on the input cannot be "
+                f"drawn; build their params with dropout=0.0, or drop key="
+            )
         if not any("dropout" in e.leaves for e in entries):
             raise ValueError(
                 "key= turns on adapter dropout, but no layer of params has a dropout rate; build them with "
@@ -40,15 +56,17 @@ def mode_for(model, params, route, freeze_base, base, key=None, one_forward=True
     if route is None and one_forward:  # derived leaves live for one forward: a block may see leaves change in place
         entries = with_prepared_leaves(entries)
     segments = None if route is None or K is None else _routing.segments(route, K)
-    is_light = light(swap, route, base, one_forward)
+    is_light = light(swap, route, base, one_forward) and not substituted  # substitution runs op by op
     layers = [
         _inject.Layer(
             e.path,
             e.module,
             e.kind,
             layer_handler(e, route, key, segments, is_light),
-            _float_weight_dtype(e.module),
+            _float_weight_dtype(e.module, e.kind),
             input_handler(e, key) if is_light else None,
+            merged_handler(e) if e.kind.substitute or (not is_light and _elsewhere(e, aliases)) else None,
+            e.leaves,
         )
         for e in entries
     ]
@@ -149,8 +167,27 @@ def row_handler(
     return handler
 
 
-def _float_weight_dtype(module: nn.Module) -> torch.dtype | None:
-    w = getattr(module, "weight", None)
+def _elsewhere(entry: _plan.Entry, aliases: dict[int, list[str]]) -> bool:
+    """Whether a use of an op kind's weight other than its layer's op (``x @ layer.weight.T``, a custom kernel) sees
+    the merged weight: yes, op by op, unless the weight is tied (the other name's own use must see the base)."""
+    w = entry.module.weight
+    return entry.kind.op is not None and len(aliases.get(id(w), ())) < 2
+
+
+def merged_handler(entry: _plan.Entry) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+    """(W, b) as the module stores them -> (W', b') as stored: the layer's merged weight and bias, which a
+    substitution kind's forward uses in their place (one adapter per expert for a 3-D parameter)."""
+    variant, leaves, kind = entry.variant, entry.leaves, entry.kind
+
+    def merged(w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        W_new, b_new = variants.merged_weights(variant, leaves, kind.dense(w), b)
+        return kind.store(W_new, w), b_new
+
+    return merged
+
+
+def _float_weight_dtype(module: nn.Module, kind: _layers.LayerKind) -> torch.dtype | None:
+    w = getattr(module, kind.param, None)
     return w.dtype if isinstance(w, Tensor) and w.is_floating_point() else None
 
 

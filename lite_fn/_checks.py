@@ -90,10 +90,18 @@ def check_leaves(where: str, variant, leaves, W: torch.Tensor, batch_dims: int =
         K = Ks.pop()
     given = {name: tuple(v.shape[batch_dims:]) for name, v in leaves.items()}
     d_out, d_in = W.shape[-2], W.shape[-1]
+    experts = tuple(W.shape[:-2])  # a 3-D raw parameter (E, d_out, d_in): one adapter per expert, leaves (E, ...)
+    for name, shape in given.items():
+        if shape[: len(experts)] != experts:
+            raise ValueError(
+                f"{where}[{name!r}] has shape {shape}, but the parameter is {tuple(W.shape)}: one adapter per "
+                f"leading index, so every leaf starts with {experts}; build them with lf.init"
+            )
     try:
-        expected = variant.shapes(given, d_out, d_in)
+        expected = variant.shapes({k: v[len(experts) :] for k, v in given.items()}, d_out, d_in)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    expected = {k: experts + tuple(v) for k, v in expected.items()}
     missing = sorted(expected.keys() - given.keys())
     extra = sorted(given.keys() - expected.keys())
     if missing or extra:

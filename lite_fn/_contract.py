@@ -229,6 +229,11 @@ class VariantSpec:
         apply_input(params, x) -> x'     for a variant with apply(params, W, x, b) == F.linear(apply_input(params, x),
                                          W, b) (it only transforms the input: OFT, IA3-FF): when adapters act around
                                          the layer's own call, the layer then runs once, on x'
+        merged(params, W, b) -> (W', b') the dense merged weight and bias, x W'ᵀ + b' == apply(params, W, x, b),
+                                         computed in the adapter's own form (faster than the identity rule
+                                         ``variants.dense_weights`` uses without it): layers adapted by
+                                         weight substitution (convolutions, embeddings, raw parameters) and
+                                         lf.merge use it
         PEFT: PeftCodec                  the variant's peft mapping (lf.load_peft / lf.save_peft)
         MERGE: MergeRule                 the variant's adapter arithmetic (lite_fn.merging.merge_adapters)
     """
@@ -247,6 +252,7 @@ class VariantSpec:
     apply_runs: Callable[..., Tensor] | None = None
     prepare: Callable[[dict[str, Leaves]], dict[str, Leaves]] | None = None
     apply_input: Callable[[Leaves, Tensor], Tensor] | None = None
+    merged: Callable[..., tuple[Tensor, Tensor | None]] | None = None
     PEFT: PeftCodec | None = None
     MERGE: MergeRule | None = None
     source: Any = None  # the module or object it was built from
@@ -288,6 +294,7 @@ class VariantSpec:
                 "apply_runs",
                 "prepare",
                 "apply_input",
+                "merged",
                 "PEFT",
                 "MERGE",
             )

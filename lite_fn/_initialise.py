@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
-from . import _base, _keys, _layers, _targets, variants
+from . import _base, _keys, _layers, _plan, _targets, variants
 from .calibration import collect as collect_statistics
 from .trees import Params, declared
 
@@ -28,9 +29,9 @@ def initial_params(
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
         raise ValueError(f"max_batches={max_batches!r} must be a positive int (or None for all of the calibration data)")
     swap, _ = _base.swap_map(model, base, freeze=True)
-    modules = dict(model.named_modules())
     paths = _targets.select(model, targets)
-    weights = {p: _layers.values(_layers.weight_view(modules[p], _layers.kind_of(modules[p], p), swap)).detach() for p in paths}
+    layers = {p: _plan.resolve(model, p) for p in paths}
+    weights = {p: _layers.values(_layers.weight_view(m, kind, swap)).detach() for p, (m, kind) in layers.items()}
     meta = [p for p, W in weights.items() if W.is_meta]
     if meta:
         raise ValueError(
@@ -42,6 +43,13 @@ def initial_params(
     stats = {}
     if variant.stat is not None:
         stats = {p: variant.stat(cfg, weights[p]) for p in paths}
+        odd = [p for p in paths if stats[p] is not None and layers[p][1].substitute]
+        if odd:
+            raise ValueError(
+                f"{type(cfg).__name__} initialises from the inputs of linear layers, but {odd[:3]} "
+                f"{'are' if len(odd) > 1 else 'is a'} {layers[odd[0]][1].name} (adapted by weight substitution, whose "
+                f"inputs are not rows of a matrix product); exclude them from `targets` or use a config without data"
+            )
         stats = {p: s for p, s in stats.items() if s is not None}
     if stats:
         if calibration is None:
@@ -55,14 +63,20 @@ def initial_params(
             f"e.g. EVAConfig or AntiPaSTOConfig(select='data'))"
         )
     if variant.plan is not None:  # cross-layer: EVA's rank budget (from its statistics), VeRA's projection shape
-        cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape) for p, W in weights.items()})
+        cfgs = variant.plan(stats, cfgs, {p: tuple(W.shape[-2:]) for p, W in weights.items()})
 
     out: Params = {}
     for p in paths:
         if cfgs.get(p) is None:  # a plan may give a layer no adapter (e.g. EVA rank 0)
             continue
-        leaves = variant.init(_keys.fold_in(key, p), weights[p], cfgs[p], stats.get(p))
-        out[p] = {variant.NAME: {k: _owning_contiguous(v) for k, v in leaves.items()}}
+        k = _keys.fold_in(key, p)
+        W = weights[p]
+        if W.ndim == 3:  # E experts' matrices: one adapter each (key folded with the expert index), stacked
+            each = [variant.init(_keys.fold_in(k, str(e)), W[e], cfgs[p]) for e in range(W.shape[0])]
+            leaves = {n: torch.stack([t[n].detach() for t in each]).requires_grad_(each[0][n].requires_grad) for n in each[0]}
+        else:
+            leaves = variant.init(k, W, cfgs[p], stats.get(p))
+        out[p] = {variant.NAME: {n: _owning_contiguous(v) for n, v in leaves.items()}}
     return declared(out)
 
 

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import linalg
+from . import _layers, linalg
 from ._layers import LayerKind, QuantizedWeight
 
 # (x, W as (d_out, d_in), bias or None, the layer's own base product) -> the layer's output
@@ -72,6 +72,10 @@ class Layer(NamedTuple):
     # light path, a variant that only transforms the layer's input (its ``apply_input``): x -> x', given to
     # the layer itself by the forward pre-hook, so the layer's one product is the adapted output
     input_handler: Callable[[Tensor], Tensor] | None = None
+    # substitution kinds (``kind.substitute``): (W, b) as stored -> (W', b') as stored, the merged weight and bias that
+    # every use of the module's weight and bias sees during the forward
+    merged: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]] | None = None
+    leaves: dict[str, Tensor] | None = None  # the adapter's leaves (their in-place versions key a block's W')
 
 
 _CHECKPOINT_HINT = (
@@ -122,12 +126,23 @@ class _Mode(TorchFunctionMode):
         # whether a layer takes its adapter on its input (light path): only then does the pre-hook look it up
         self.adapts_inputs = any(layer.input_handler is not None for layer in layers)
         self.by_module: dict[int, Layer] = {}
+        # substitution kinds: id(the module's weight or bias) -> (layer, 0 for the weight / 1 for the bias)
+        self.by_param: dict[int, tuple[Layer, int]] = {}
         for layer in layers:
+            if layer.kind.substitute:
+                self.by_param[id(_layers.weight_of(layer.module, layer.kind))] = (layer, 0)
+                b = _layers.bias_of(layer.module, layer.kind)
+                if b is not None:
+                    self.by_param[id(b)] = (layer, 1)
+                continue
             if layer.kind.op is None or self.light:
                 self.by_module[id(layer.module)] = layer
             if layer.kind.op is not None:
                 self.by_op.setdefault(layer.kind.op, []).append(layer)
+                if layer.merged is not None and not self.light:  # any other use of its weight sees W' (op by op)
+                    self.by_param[id(layer.module.weight)] = (layer, 0)
         self.by_weight = {id(layer.module.weight): layer for layer in layers if layer.kind.op is not None}
+        self.merged_values: dict = {}  # (path, grad mode, checkpoint region, versions) -> (W', b') for this call
         self.hit: set[str] = set()
         if self.by_module:
             _install_module_hook()
@@ -182,7 +197,7 @@ class _Mode(TorchFunctionMode):
                 f"hand work to a pool with `with lf.applied(...) as block: pool.submit(block.bind(fn), ...)`"
             )
         if layer.dtype is not None:
-            w = layer.module.weight
+            w = _layers.weight_of(layer.module, layer.kind)
             if isinstance(w, Tensor) and w.dtype != layer.dtype and layer.kind.op is not None:
                 raise TypeError(
                     f"{layer.path}: the layer's weight is now {w.dtype}, but {self.owner} checked its adapter leaves "
@@ -284,6 +299,8 @@ class _Mode(TorchFunctionMode):
                 return layer.handler(
                     x, W, None if b is None else self._value(b), lambda: self._own_product(func, args, kwargs, weight, b)
                 )
+        if self.by_param and getattr(func, "__name__", None) != "__set__":
+            args, kwargs = self._substituted(args, kwargs)
         if (
             swap
             and not self.closed
@@ -294,6 +311,53 @@ class _Mode(TorchFunctionMode):
             if kwargs:
                 kwargs = {k: swap.get(id(v), v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+    def _substituted(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``args`` and ``kwargs`` with each substitution kind's weight (and bias) replaced by its merged value."""
+        by_param = self.by_param
+        if not any(id(a) in by_param for a in args if isinstance(a, Tensor)) and not any(
+            id(v) in by_param for v in kwargs.values() if isinstance(v, Tensor)
+        ):
+            return args, kwargs
+        args = tuple(self._merged_value(a) if isinstance(a, Tensor) else a for a in args)
+        kwargs = {k: self._merged_value(v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _merged_value(self, t: Tensor) -> Tensor:
+        hit = self.by_param.get(id(t))
+        if hit is None:
+            return t
+        layer, which = hit
+        module, kind = layer.module, layer.kind
+        w, b = _layers.weight_of(module, kind), _layers.bias_of(module, kind)
+        if t is not (w, b)[which]:  # not the module's own tensor any more (swapped): leave it
+            return t
+        self._entering(layer)
+        self.hit.add(layer.path)
+        grad = torch.is_grad_enabled()
+        # W' is computed once per forward and kept for the call: per (grad mode, checkpoint region: a recompute
+        # computes its own); in a block, where many forwards run, only while nothing it was computed from changed
+        # in place (gradient-free forwards: generation), never across forwards that record gradients
+        hooks = _top_saved_tensors_hooks()
+        key = (layer.path, grad, None if hooks is None else id(hooks[0]))
+        versions = None
+        if self.owner != "lf.call" and not torch._C._are_functorch_transforms_active():  # pyright: ignore[reportAttributeAccessIssue]
+            if grad:
+                key = None
+            else:
+                versions = (
+                    w._version,
+                    None if b is None else b._version,
+                    tuple(v._version for v in (layer.leaves or {}).values()),
+                )
+        cached = None if key is None else self.merged_values.get(key)
+        if cached is not None and cached[0] == versions:
+            return cached[1][which]
+        assert layer.merged is not None
+        value = layer.merged(self._value(w), None if b is None else self._value(b))
+        if key is not None:
+            self.merged_values[key] = (versions, value)
+        return value[which]  # type: ignore[return-value]
 
     def _own_product(self, func, args: tuple, kwargs: dict, weight: Tensor, b: Tensor | None) -> Tensor:
         """The layer's own operation with its weight and bias substituted (a variant's ``base`` thunk)."""
@@ -547,9 +611,12 @@ def checkpoint_context() -> tuple[_MarkCheckpoint, _Recompute]:
 
 
 def missed_error(paths: list[str], what: str) -> RuntimeError:
-    kinds = "F.linear (nn.Linear), torch.addmm (Conv1D) or their own call (quantized layers)"
+    kinds = "F.linear (nn.Linear), torch.addmm (Conv1D), their own call, or a use of their weight"
+    first = paths[0].replace(".", "\\.")
     return RuntimeError(
-        f"{what}: targeted layers {paths} were never computed through {kinds} with their own weight during the forward, "
-        f"so their adapters did not act. Drop them from params/targets if the forward does not use them; if the model "
-        f"computes them another way (a custom forward, a fused or quantized kernel), lite_fn cannot adapt them exactly"
+        f"{what}: targeted layers {paths} were never computed through {kinds} during the forward, so their adapters "
+        f"did not act. Drop them from params/targets if the forward does not use them. If the model uses their "
+        f"weight another way (e.g. `layer.weight @ x` without calling the layer) in a forward without gradients, "
+        f"target the weight's own path instead (targets=r'{first}\\.weight$'): every use of it then sees the "
+        f"adapted weight"
     )

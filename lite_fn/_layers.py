@@ -16,6 +16,7 @@ Adding a layer type is one entry here; nothing else in the library knows about l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,10 +32,15 @@ class LayerKind(NamedTuple):
     weight_arg: int  # position of the stored weight in ``op``'s arguments
     unpack: Callable[[tuple, dict], tuple[Tensor, Tensor | None] | None]  # (x, bias) or None: not a plain call
     dense: Callable[[Tensor], Tensor]  # stored weight -> (d_out, d_in) values (dequantized for module kinds)
-    store: Callable[[Tensor], Tensor]  # (d_out, d_in) -> stored layout (dense for module kinds)
+    store: Callable[[Tensor, Tensor], Tensor]  # ((d_out, d_in), the stored weight) -> W in the stored layout
     product: Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None = None  # x Wᵀ + b by the layer's own kernel
     compute_dtype: Callable[[nn.Module], torch.dtype] | None = None  # the dtype the layer computes in
     passes_gradient: Callable[[nn.Module], bool] | None = None  # module kinds: False when the kernel drops input grads
+    # substitution kinds (convolutions, embeddings, raw parameters, layers whose forward is not one op): every use
+    # of the weight during the forward sees the variant's merged weight W' (exact: every variant is affine in x)
+    substitute: bool = False
+    param: str = "weight"  # the module attribute holding the adapted weight
+    bias_param: str | None = "bias"  # and its bias (substitution kinds substitute it too)
 
 
 def _is_plain_linear(m: nn.Module) -> bool:
@@ -137,11 +143,13 @@ KINDS: tuple[LayerKind, ...] = (
         1,
         _linear_args,
         lambda w: w,
-        lambda W: W,
+        lambda W, like: W,
         _product_linear,
         _weight_dtype,
     ),
-    LayerKind("Conv1D", is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W: W.T, _product_conv1d, _weight_dtype),
+    LayerKind(
+        "Conv1D", is_conv1d, torch.addmm, 2, _addmm_args, lambda w: w.T, lambda W, like: W.T, _product_conv1d, _weight_dtype
+    ),
     LayerKind(
         "bitsandbytes Linear4bit",
         _is_bnb("Linear4bit"),
@@ -149,7 +157,7 @@ KINDS: tuple[LayerKind, ...] = (
         0,
         _no_op_args,
         _dequantize_4bit,
-        lambda W: W,
+        lambda W, like: W,
         _product_4bit,
         _dtype_4bit,
         _passes_gradient_4bit,
@@ -161,11 +169,63 @@ KINDS: tuple[LayerKind, ...] = (
         0,
         _no_op_args,
         _dequantize_8bit,
-        lambda W: W,
+        lambda W, like: W,
         _product_8bit,
         _dtype_8bit,
     ),
 )
+
+
+def _is_conv(m: nn.Module) -> bool:
+    # nn.Conv1d/2d/3d (any stride, padding, padding mode, dilation, groups): the weight (out, in/groups, *k) is a
+    # (out, in/groups · ∏k) matrix acting on each receptive field, as peft's conv layers treat it
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def _is_other_linear(m: nn.Module) -> bool:
+    # an nn.Linear subclass with a forward of its own (Falcon's FalconLinear: x @ W.T + b): its weight may never
+    # reach F.linear, so every use of it sees W' instead; bitsandbytes' layers are matched before, as module kinds
+    return isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+
+
+def _substitution(name: str, matches, dense, store, param="weight", bias_param: str | None = "bias") -> LayerKind:
+    return LayerKind(name, matches, None, 0, _no_op_args, dense, store, substitute=True, param=param, bias_param=bias_param)
+
+
+KINDS += (
+    _substitution("Conv", _is_conv, lambda w: w.reshape(w.shape[0], -1), lambda W, like: W.reshape(like.shape)),
+    # F.embedding(ids, W_emb) = one_hot(ids) @ W_emb: a linear map from num_embeddings to embedding_dim, so its
+    # (d_out, d_in) = W_embᵀ (peft's lora_embedding_A is (r, num_embeddings), lora_embedding_B (dim, r))
+    _substitution("Embedding", lambda m: isinstance(m, nn.Embedding), lambda w: w.T, lambda W, like: W.T, bias_param=None),
+    # nn.MultiheadAttention's packed input projection (3E, E) (its out_proj is a Linear, adapted by substitution too)
+    _substitution(
+        "MultiheadAttention",
+        lambda m: isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None,
+        lambda w: w,
+        lambda W, like: W,
+        param="in_proj_weight",
+        bias_param="in_proj_bias",
+    ),
+    _substitution("nn.Linear subclass", _is_other_linear, lambda w: w, lambda W, like: W),
+)
+_LINEAR_INSIDE = _substitution("Linear (used by its parent)", _is_plain_linear, lambda w: w, lambda W, like: W)
+
+
+@functools.cache
+def raw_kind(name: str) -> LayerKind:
+    """A raw parameter ``name`` of a module that is no layer kind (MoE experts' fused ``gate_up_proj`` (E, 2I, H)):
+    a 2-D parameter is one (d_out, d_in) matrix, a 3-D one E of them (one adapter per expert, leaves (E, ...));
+    peft's target_parameters read it the same way."""
+    return _substitution("parameter", lambda m: False, lambda w: w, lambda W, like: W, param=name, bias_param=None)
+
+
+def weight_of(module: nn.Module, kind: LayerKind) -> Tensor:
+    """The module's adapted weight (its ``kind.param``)."""
+    return getattr(module, kind.param)
+
+
+def bias_of(module: nn.Module, kind: LayerKind) -> Tensor | None:
+    return None if kind.bias_param is None else getattr(module, kind.bias_param, None)
 
 
 class QuantizedWeight:
@@ -240,33 +300,67 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.kind.name}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
-def kind_of(module: nn.Module, path: str) -> LayerKind:
+def kind_of(module: nn.Module, path: str, parent: nn.Module | None = None) -> LayerKind:
+    """The layer kind of ``module`` (at ``path``; ``parent``: the module holding it, when known), or a TypeError
+    naming the module and what lite_fn adapts."""
+    if isinstance(parent, nn.MultiheadAttention) and _is_plain_linear(module):
+        return _LINEAR_INSIDE  # MHA's out_proj: its parent's forward reads the weight directly (no module call)
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        raise TypeError(
+            f"module {path!r} is an nn.Embedding with max_norm={module.max_norm}: its forward renormalises the weight "
+            f"rows in place, which an adapted (merged) weight cannot follow; exclude it from `targets` or build it "
+            f"without max_norm"
+        )
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is None:
+        raise TypeError(
+            f"module {path!r} is an nn.MultiheadAttention with separate q/k/v projections (kdim/vdim differ from "
+            f"embed_dim); lite_fn adapts its packed in_proj_weight only: target its parameters instead, e.g. "
+            f"targets=r'{path}\\.(q|k|v)_proj_weight$'"
+        )
     for kind in KINDS:
         if kind.matches(module):
             return kind
-    if isinstance(module, nn.Linear):
-        raise TypeError(
-            f"module {path!r} is a {type(module).__module__}.{type(module).__name__}, an nn.Linear subclass with its own "
-            f"forward that lite_fn does not know (it adapts nn.Linear, Conv1D and bitsandbytes' Linear4bit/Linear8bitLt); "
-            f"it cannot adapt it exactly — exclude it from `targets`"
-        )
-    raise TypeError(
-        f"module {path!r} is a {type(module).__module__}.{type(module).__name__}; lite_fn adapts nn.Linear, transformers' "
-        f"Conv1D and bitsandbytes' Linear4bit/Linear8bitLt only — "
-        f"narrow `targets` so it matches linear layers (e.g. r'(q_proj|v_proj)$')"
+    own = [n for n, t in module.named_parameters(recurse=False) if t.ndim in (2, 3)]
+    hint = (
+        f"; to adapt its own parameters {own}, target their paths, e.g. targets=r'{path}\\.({'|'.join(own)})$'"
+        if own
+        else " — narrow `targets` so it matches such layers (e.g. r'(q_proj|v_proj)$')"
     )
+    raise TypeError(
+        f"module {path!r} is a {type(module).__module__}.{type(module).__name__}; lite_fn adapts {KIND_NAMES} "
+        f"and 2-D / 3-D parameters by path{hint}"
+    )
+
+
+KIND_NAMES = (
+    "nn.Linear (and subclasses), transformers' Conv1D, bitsandbytes' Linear4bit/Linear8bitLt, nn.Conv1d/2d/3d, "
+    "nn.Embedding, nn.MultiheadAttention"
+)
 
 
 def is_adaptable(module: nn.Module) -> bool:
     return any(kind.matches(module) for kind in KINDS)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer (what default targets select): nn.Linear and its subclasses, Conv1D, quantized linears."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or (is_adaptable(module) and not _not_linear(module))
+
+
+def is_conv(module: nn.Module) -> bool:
+    return _is_conv(module)
+
+
+def _not_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or _is_conv(module)
+
+
 def weight_view(module: nn.Module, kind: LayerKind, swap: dict[int, Tensor] | None = None) -> Tensor:
     """The module's current weight as (d_out, d_in), with ``swap`` (``base=`` / detached tensors) applied;
     for a module kind a ``QuantizedWeight`` (shape, dtype, device; values on demand): what leaf checks read."""
-    if kind.op is None:
+    if kind.op is None and not kind.substitute:
         return QuantizedWeight(module, kind)  # type: ignore[return-value]
-    w: Tensor = module.weight  # type: ignore[assignment]
+    w: Tensor = weight_of(module, kind)
     return kind.dense(w if swap is None else swap.get(id(w), w))
 
 

@@ -45,27 +45,29 @@ def checked_entries(
     entries, Ks = [], {}
     for path, by_variant in params.items():
         try:
-            module = submodule(model, path)  # per path: no walk over the whole model each call
+            module, kind = resolve(model, path)  # per path: no walk over the whole model each call
         except AttributeError:
-            near = difflib.get_close_matches(path, [p for p, _ in model.named_modules()], n=3)
+            names = [p for p, _ in model.named_modules()] + [p for p, _ in model.named_parameters()]
+            near = difflib.get_close_matches(path, names, n=3)
             raise KeyError(
-                f"params path {path!r} is not a module of {type(model).__name__}" + (f"; similar paths: {near}" if near else "")
+                f"params path {path!r} is not a module or parameter of {type(model).__name__}"
+                + (f"; similar paths: {near}" if near else "")
             ) from None
         if not isinstance(by_variant, dict) or len(by_variant) != 1:
             raise ValueError(
                 f"params[{path!r}] must hold exactly one variant, got {list(by_variant) if isinstance(by_variant, dict) else type(by_variant).__name__}"
             )
         ((name, leaves),) = by_variant.items()
-        kind = _layers.kind_of(module, path)
-        tied = [
-            n
-            for n in aliases.get(id(module.weight), [])
-            if n.rsplit(".", 1)[0] != path and _layers.is_adaptable(model.get_submodule(n.rsplit(".", 1)[0]))
-        ]
+        own = _layers.weight_of(module, kind)
+        tied = [n for n in aliases.get(id(own), []) if _confused(model, n, path, kind)]
         if tied:
+            how = (
+                "every use of it would see the merged weight"
+                if kind.substitute
+                else "an adapter on it cannot be told apart from one on the other layer"
+            )
             raise ValueError(
-                f"{path}.weight is tied to {tied} of another linear layer, so an adapter on {path!r} cannot be "
-                f"told apart from it; untie them (give {path!r} its own weight) before adapting"
+                f"{path}.{kind.param} is tied to {tied} ({how}); untie them (give {path!r} its own weight) before adapting"
             )
         variant = variants.get(name)
         Ks[path] = _checks.check_leaves_once(
@@ -80,6 +82,47 @@ def checked_entries(
             )
         K = next(iter(Ks.values()), None)
     return entries, K
+
+
+def _confused(model: nn.Module, name: str, path: str, kind: _layers.LayerKind) -> bool:
+    """Whether the tied name ``name`` (another place of the weight ``path`` adapts) makes the adapter ambiguous:
+    a substitution kind changes every use of its weight; an op kind is recognised by its op on its weight, so only
+    another layer computing the same op with it is confused with it (a tied embedding and output head are not)."""
+    owner = name.rpartition(".")[0]
+    if owner == path or (kind is _layers.raw_kind(kind.param) and name == path):
+        return False
+    if kind.substitute:
+        return True
+    other = model.get_submodule(owner)
+    return _layers.is_adaptable(other) and _layers.kind_of(other, owner).op is kind.op
+
+
+def resolve(model: nn.Module, path: str) -> tuple[nn.Module, _layers.LayerKind]:
+    """(module, layer kind) of a params path: a module path (its kind), or the path of a 2-D / 3-D parameter of a
+    module that is no layer kind (``….mlp.experts.gate_up_proj``: the owner and ``_layers.raw_kind``);
+    AttributeError if it is neither, TypeError naming what cannot be adapted."""
+    try:
+        module = submodule(model, path)
+    except AttributeError:
+        owner_path, _, name = path.rpartition(".")
+        owner = submodule(model, owner_path) if owner_path else model
+        t = owner._parameters.get(name) if isinstance(owner, nn.Module) else None
+        if t is None:
+            raise
+        return owner, raw_parameter_kind(owner, path, name, t)
+    parent_path = path.rpartition(".")[0]
+    parent = submodule(model, parent_path) if "." in path else model
+    return module, _layers.kind_of(module, path, parent)
+
+
+def raw_parameter_kind(owner: nn.Module, path: str, name: str, t: Tensor) -> _layers.LayerKind:
+    """The kind of parameter ``name`` of ``owner`` targeted by its path, or a TypeError saying what to target."""
+    if t.ndim not in (2, 3) or not t.is_floating_point():
+        raise TypeError(
+            f"parameter {path!r} has shape {tuple(t.shape)} ({t.dtype}); lite_fn adapts 2-D (d_out, d_in) and 3-D "
+            f"(E, d_out, d_in) floating-point parameters only — narrow `targets` so it does not match it"
+        )
+    return _layers.raw_kind(name)
 
 
 class _Plan(NamedTuple):
@@ -114,7 +157,7 @@ def planned_entries(
     rows = []
     for e in entries:
         by_variant = params[e.path]
-        w = e.module.weight
+        w = _layers.weight_of(e.module, e.kind)
         if not isinstance(w, Tensor):
             return entries, K
         leaves = tuple((k, weakref.ref(v), _metadata(v)) for k, v in e.leaves.items())
@@ -165,10 +208,13 @@ def _replay(plan: _Plan, model: nn.Module, params: Params) -> list[Entry] | None
             if k != k2 or ref() is not v or _metadata(v) != meta:
                 return None
         try:
-            module = submodule(model, path)
+            if kind is _layers.raw_kind(kind.param):  # a parameter path: its owner holds it
+                module = submodule(model, path.rpartition(".")[0]) if "." in path else model
+            else:
+                module = submodule(model, path)
         except AttributeError:  # gone: checked_entries names it
             return None
-        w = getattr(module, "weight", None)
+        w = getattr(module, kind.param, None)
         if module is not module_ref() or w is not w_ref() or _metadata(w) != w_meta:  # pyright: ignore[reportArgumentType]
             return None
         entries.append(Entry(path, module, kind, variant, current))

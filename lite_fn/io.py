@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from . import _checks, _fs, trees, variants
+from . import _checks, _fs, _layers, _plan, trees, variants
 
 _FORMAT = "lite_fn/1"
 _CHECKSUM = "sha256"
@@ -511,7 +511,6 @@ def check_against(model, params, source="params") -> None:
     leaves are first checked as one adapter; if that fails and every leaf has at least one
     dimension, they are checked as stacked, and the reading with fewer problems is reported (one
     reading for the whole tree, never a mix)."""
-    from . import _layers
 
     if not isinstance(params, dict):
         raise TypeError(
@@ -521,7 +520,14 @@ def check_against(model, params, source="params") -> None:
     modules = dict(model.named_modules())
     problems, layers = [], []
     for mpath, by_variant in params.items():
-        if mpath not in modules:
+        try:
+            module, kind = _plan.resolve(model, mpath) if isinstance(mpath, str) else (None, None)
+        except AttributeError:
+            module, kind = None, None
+        except TypeError as e:
+            problems.append(str(e))
+            continue
+        if module is None or kind is None:
             near = difflib.get_close_matches(str(mpath), list(modules), n=3)
             problems.append(f"{mpath}: no such module in {type(model).__name__}" + (f" (similar paths: {near})" if near else ""))
             continue
@@ -534,12 +540,7 @@ def check_against(model, params, source="params") -> None:
         if name not in variants.REGISTRY:
             problems.append(f"params[{mpath!r}]: unknown variant {name!r}; known variants: {sorted(variants.REGISTRY)}")
             continue
-        module = modules[mpath]
-        try:
-            W = _layers.weight_view(module, _layers.kind_of(module, mpath))
-        except TypeError as e:
-            problems.append(str(e))
-            continue
+        W = _layers.weight_view(module, kind)
         layers.append((mpath, f"params[{mpath!r}][{name!r}]", variants.get(name), leaves, W))
 
     reading = _layer_problems(layers, 0)

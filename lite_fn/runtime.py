@@ -249,18 +249,20 @@ def merge(model: nn.Module, params: Params, *, base: Mapping[str, Tensor] | None
     swap, aliases = _base.swap_map(model, base, freeze=True)
     out = {}
     for path, module, kind, variant, leaves in _plan.checked_entries(model, params, swap, aliases)[0]:
-        names = aliases.get(id(module.weight), [])
+        w = _layers.weight_of(module, kind)
+        name = path if kind is _layers.raw_kind(kind.param) else f"{path}.{kind.param}"
+        names = aliases.get(id(w), [])
         if len(names) > 1:
             raise ValueError(
-                f"{path}.weight is tied to {[n for n in names if n != path + '.weight']}: a merged "
-                f"{path}.weight passed to functional_call would replace those too. Untie it first "
-                f"(model.{path}.weight = nn.Parameter(model.{path}.weight.clone())) or use lf.call"
+                f"{name} is tied to {[n for n in names if n != name]}: a merged "
+                f"{name} passed to functional_call would replace those too. Untie it first "
+                f"(model.{name} = nn.Parameter(model.{name}.clone())) or use lf.call"
             )
         W = _layers.values(_layers.weight_view(module, kind, swap))
-        bias: Tensor | None = getattr(module, "bias", None)
+        bias = _layers.bias_of(module, kind)
         b = None if bias is None else swap.get(id(bias), bias).detach()
-        W_new, b_new = variants.dense_weights(variant, leaves, W.detach(), b)
-        out[f"{path}.weight"] = kind.store(W_new)
+        W_new, b_new = variants.merged_weights(variant, leaves, W.detach(), b)
+        out[name] = kind.store(W_new, swap.get(id(w), w))
         if b_new is not None:
-            out[f"{path}.bias"] = b_new
+            out[f"{path}.{kind.bias_param}"] = b_new
     return out

@@ -78,7 +78,7 @@ CATALOGUE = [
     ("init: regex error", lambda: lf.init(0, M, lf.LoRAConfig(r=4), targets="(q_proj"), ValueError, r"targets='\(q_proj'"),
     ("init: no match", lambda: lf.init(0, M, lf.LoRAConfig(r=4), targets="nothing_here$"), ValueError, r"matches no module"),
     ("init: not linear", lambda: lf.init(0, M, lf.LoRAConfig(r=4), targets=r"input_layernorm$"), TypeError, r"LlamaRMSNorm"),
-    ("init: embedding", lambda: lf.init(0, M, lf.LoRAConfig(r=4), targets=r"embed_tokens$"), TypeError, r"Embedding"),
+    ("init: a norm", lambda: lf.init(0, M, lf.LoRAConfig(r=4), targets=r"model\.norm$"), TypeError, r"RMSNorm"),
     ("init: rank too big", lambda: lf.init(0, M, lf.LoRAConfig(r=64), targets=r"q_proj$"), ValueError, r"r=64 exceeds"),
     (
         "init: unused calibration",
@@ -317,13 +317,12 @@ def test_bad_input_gives_a_clear_error(name, make, exc, pattern):
     assert torch._C._len_torch_function_stack() == 0  # nothing left active
 
 
-def test_unsupported_linear_subclass():
-    class Custom(nn.Linear):
-        def forward(self, x):
-            return super().forward(x).relu()
-
-    with pytest.raises(TypeError, match=r"Custom, an nn.Linear subclass with its own forward"):
-        lf.init(0, nn.Sequential(Custom(4, 4)), lf.LoRAConfig(r=2))
+def test_unsupported_module_names_its_parameters_as_targets():
+    m = nn.Sequential(nn.LSTM(4, 4))
+    with pytest.raises(TypeError, match=r"module '0' is a torch.nn.modules.rnn.LSTM.*weight_ih_l0"):
+        lf.init(0, m, lf.LoRAConfig(r=2), targets=r"^0$")
+    with pytest.raises(TypeError, match=r"parameter '0.bias_ih_l0' has shape \(16,\).*2-D"):
+        lf.init(0, m, lf.LoRAConfig(r=2), targets=r"^0\.bias_ih_l0$")
 
 
 def test_a_layout_that_passed_does_not_let_a_bad_one_through():

@@ -199,8 +199,8 @@ def test_bad_paths_shapes_and_targets():
     wrong = {"model.layers.0.mlp.down_proj": next(iter(params.values()))}  # q_proj shapes on down_proj
     with pytest.raises(ValueError, match="down_proj"):
         lf.call(model, wrong, x)
-    with pytest.raises(TypeError, match="Embedding"):
-        lf.init(0, model, lf.LoRAConfig(r=4), targets=r"embed_tokens$")
+    with pytest.raises(TypeError, match="RMSNorm"):
+        lf.init(0, model, lf.LoRAConfig(r=4), targets=r"model\.norm$")
     with pytest.raises(ValueError, match="matches no module"):
         lf.init(0, model, lf.LoRAConfig(r=4), targets=r"no_such_layer$")
 

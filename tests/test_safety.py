@@ -291,29 +291,51 @@ def test_errors_inside_the_forward_are_not_reported_as_shape_errors():
 
 
 # ----------------------------------------------------------------------------- unrecognised layers
-def test_linear_subclass_with_its_own_forward_is_refused():
+def test_linear_subclass_with_its_own_forward_is_adapted_exactly():
+    """A Linear subclass whose forward is not F.linear (Falcon's FalconLinear) sees the merged weight W' at every
+    use: its output is its own forward with W' in place of W, in training and in a no-grad forward."""
+
     class Scaled(nn.Linear):
         def forward(self, x):
-            return 2 * super().forward(x)
+            return 2 * (x @ self.weight.T) + self.bias
 
-    m = nn.Sequential(Scaled(4, 4))
-    with pytest.raises(TypeError, match=r"module '0' is a .*Scaled, an nn.Linear subclass with its own forward"):
-        lf.init(0, m, lf.LoRAConfig(r=2))
+    torch.manual_seed(0)
+    m = nn.Sequential(Scaled(4, 3))
+    p = moved(lf.init(0, m, lf.LoRAConfig(r=2)), 1)
+    x = torch.randn(5, 4)
+    lp = p["0"]["lora"]
+    W_new = m[0].weight + lp["scale"] * lp["B"] @ lp["A"]
+    ref = 2 * (x @ W_new.T) + m[0].bias
+    out = lf.call(m, p, x)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.sum().backward()
+    assert lp["A"].grad is not None and m[0].weight.grad is None
+    with torch.no_grad():
+        assert torch.allclose(lf.call(m, p, x), ref, atol=1e-6)
 
 
-def test_layer_the_forward_never_computes_is_reported():
+def test_a_weight_used_outside_its_layer_sees_the_adapted_weight():
     class MatmulLinear(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
 
         def forward(self, x):
-            return self.b(x @ self.a.weight.T)  # `a` is used, but not through F.linear
+            return self.b(x @ self.a.weight.T)  # `a` is used, but not through its own call (Mamba's dt_proj)
 
+    torch.manual_seed(0)
     m = MatmulLinear()
+    x = torch.randn(2, 4)
     p = moved(lf.init(0, m, lf.LoRAConfig(r=2)), 1)
-    with pytest.raises(RuntimeError, match=r"targeted layers \['a'\] were never computed"):
-        lf.call(m, p, torch.randn(2, 4))
+    merged = lf.merge(m, p)
+    ref = torch.func.functional_call(m, merged, (x,))
+    assert torch.allclose(lf.call(m, p, x), ref, atol=1e-6)  # op by op (training call): every use sees W'
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"targeted layers \['a'\] were never computed.*a\\.weight\$"):
+        lf.call(m, p, x)  # the light path sees module calls only: a clear error naming the fix
+    q = {"a.weight": p["a"], "b": p["b"]}  # the fix: target the weight itself
+    assert lf.target_paths(m, r"(a\.weight|b)$") == ["b", "a.weight"]
+    with torch.no_grad():
+        assert torch.allclose(lf.call(m, q, x), ref, atol=1e-6)
 
 
 def test_vmap_over_model_code_that_cannot_be_vmapped_suggests_route():

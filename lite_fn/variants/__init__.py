@@ -89,3 +89,16 @@ def dense_weights(variant: VariantSpec, params: dict, W, b=None):
     b_new = variant.apply(params, W, torch.zeros(1, d_in, dtype=W.dtype, device=W.device), b)[0]
     W_new = (variant.apply(params, W, eye, b) - b_new).transpose(-1, -2)
     return W_new, (b_new if b is not None else None)  # with b=None, apply(·, 0) is exactly 0
+
+
+def merged_weights(variant: VariantSpec, params: dict, W, b=None):
+    """``dense_weights`` through the variant's own ``merged`` hook when it has one (W' in the adapter's own
+    factored form, e.g. W + s·B A: O(r·d_out·d_in) instead of the identity rule's O(d_in²·d_out)); a 3-D W
+    (E experts' matrices, leaves with a leading E) gives E merged matrices."""
+    import torch
+
+    if W.ndim == 3:
+        return torch.func.vmap(lambda p, w: merged_weights(variant, p, w, None)[0], randomness="error")(params, W), b
+    if variant.merged is not None:
+        return variant.merged(params, W, b)
+    return dense_weights(variant, params, W, b)
