@@ -99,9 +99,11 @@ class PeftLayer(NamedTuple):
     """One targeted module, as a codec reads or writes it."""
 
     path: str  # the module path in the model
-    kind: str  # the layer kind's name ("Linear", "Conv1D", …)
+    kind: str  # the layer kind's name (lite_fn._layers: "nn.Linear", "Conv1D", "Conv", "Embedding", "parameter", …)
     W: Tensor  # its weight as (d_out, d_in)
     tensors: dict[str, Tensor]  # reading: the stored tensors by suffix ("lora_A.weight", …); writing: {}
+    module: Any = None  # the targeted module (a convolution's kernel size, groups, …), or a raw parameter's owner
+    stored: tuple[int, ...] = ()  # the adapted weight's shape as the module stores it ((out, in/groups, *k) for a conv)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class PeftFormat:
     refuses: Mapping[str, str] = dataclasses.field(default_factory=dict)
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # stored suffix -> the name codecs see
     refuses_kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer kind -> why peft cannot adapt it
+    # the lite_fn layer kinds (``_layers`` names) this type's codecs read and write; any other is refused both ways
+    kinds: frozenset[str] = frozenset({"nn.Linear", "Conv1D", "bitsandbytes Linear4bit", "bitsandbytes Linear8bitLt"})
     check: Callable[[PeftConfig], object] = lambda cfg: None  # raises on a config it refuses; the result is unused
     shared: tuple[str, ...] = ()  # model-level tensor names ("base_model.<name>" in the file)
     shared_tensors: Callable[[list[PeftLayer], list[dict]], dict[str, Tensor]] = lambda layers, facts: {}

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, _layers, io, trees, variants
+from .. import _checks, _layers, _plan, io, trees, variants
 from .._contract import PeftCodec, PeftFormat, PeftLayer
 from . import _files, _matcher
 
@@ -277,24 +277,28 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
             f"was trained for?): {'; '.join(parts)}"
         )
 
-    modules = dict(model.named_modules())
     kinds = {}
     for mpath in targets:
         try:
-            kinds[mpath] = _layers.kind_of(modules[mpath], mpath)
+            kinds[mpath] = _plan.resolve(model, mpath)
         except TypeError as e:
             raise ValueError(f"{where} targets {mpath!r}: {e}") from None
     dims = {}  # every target's (d_out, d_in), for codecs of shared tensors (VeRA's projections)
-    for p, k in kinds.items():
-        d_out, d_in = _layers.weight_view(modules[p], k).shape
+    for p, (m, k) in kinds.items():
+        d_out, d_in = _layers.weight_view(m, k).shape[-2:]
         dims[p] = (d_out, d_in)
     cfg.dims = dims
     params: dict = {}
     for mpath in targets:  # model order
-        module, found, layer_kind = modules[mpath], {**by_path[mpath], **shared}, kinds[mpath]
+        (module, layer_kind), found = kinds[mpath], {**by_path[mpath], **shared}
+        if layer_kind.name not in fmt.kinds:
+            raise ValueError(
+                f"{where} targets {mpath!r}, a {type(module).__name__} (lite_fn layer kind {layer_kind.name!r}); "
+                f"lite_fn reads peft's {fmt.peft_type} for {sorted(fmt.kinds)} layers only"
+            )
         name, codec = _reader(cfg, fmt, mpath)
         W = _layers.values(_layers.weight_view(module, layer_kind))
-        layer = PeftLayer(mpath, layer_kind.name, W, found)
+        layer = _layer(mpath, module, layer_kind, W, found)
         need = codec.tensors(cfg, layer)
         absent = [s for s in need if s not in found]
         unexpected = sorted(s for s in found if s not in need)
@@ -314,20 +318,22 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
     return trees.declared(params)
 
 
+def _layer(path: str, module: nn.Module, kind: _layers.LayerKind, W: Tensor, tensors: dict) -> PeftLayer:
+    return PeftLayer(path, kind.name, W, tensors, module, tuple(_layers.weight_of(module, kind).shape))
+
+
 # ----------------------------------------------------------------------------- writing
 def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     """(adapter_config.json dict, safetensors tensors) for ``params``; every refusal happens here."""
     if not isinstance(params, dict) or not params:
         raise ValueError("save_peft: params must be a non-empty dict returned by lf.init / lf.load / lf.load_peft")
     io.check_against(model, params, source="save_peft params")
-    modules = dict(model.named_modules())
     layers: list[tuple[str, PeftCodec, dict, PeftLayer]] = []  # (variant, codec, leaves, layer)
     stacked, groups = [], {}
     for path, by_variant in params.items():
         ((name, leaves),) = by_variant.items()
         spec = variants.get(name)
-        module = modules[path]
-        lk = _layers.kind_of(module, path)
+        module, lk = _plan.resolve(model, path)
         W = _layers.weight_view(module, lk)
         try:
             _checks.check_leaves(path, spec, leaves, W, 0)
@@ -335,7 +341,7 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             stacked.append(path)
         if spec.PEFT is None:
             raise ValueError(f"save_peft: variant {name!r} at {path!r} has no peft form (its file defines no PEFT codec)")
-        layers.append((name, spec.PEFT, leaves, PeftLayer(path, lk.name, W, {})))
+        layers.append((name, spec.PEFT, leaves, _layer(path, module, lk, W, {})))
         groups.setdefault((spec.PEFT.format.peft_type, spec.PEFT.label), []).append((name, path))
     if stacked:
         raise ValueError(
@@ -351,6 +357,13 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             f"next(iter(v)) == 'ia3'}})"
         )
     fmt = layers[0][1].format
+    odd = [(layer.path, layer.kind) for *_, layer in layers if layer.kind not in fmt.kinds]
+    if odd:
+        raise ValueError(
+            f"save_peft: peft's {fmt.peft_type} is written by lite_fn for {sorted(fmt.kinds)} layers only, but "
+            f"{odd[0][0]!r} is a {odd[0][1]} layer ({len(odd)} such); save the other layers, or keep this adapter in "
+            f"lite_fn's own format (lf.save)"
+        )
     for kind, why in fmt.refuses_kinds.items():
         hit = [layer.path for *_, layer in layers if layer.kind == kind]
         if hit:
