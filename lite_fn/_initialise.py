@@ -42,7 +42,7 @@ def initial_params(
 
     stats = {}
     if variant.stat is not None:
-        stats = {p: variant.stat(cfg, weights[p]) for p in paths}
+        stats = {p: variant.stat(cfg, weights[p] if weights[p].ndim == 2 else weights[p][0]) for p in paths}
         odd = [p for p in paths if stats[p] is not None and layers[p][1].substitute]
         if odd:
             raise ValueError(
