@@ -45,7 +45,7 @@ class Kinds(nn.Module):
         return self.experts(h)
 
 
-TARGETS = r"^(emb|c1|c2|c3|attn|experts\.w)$"
+TARGETS = r"^(emb|c1|c2|c3|attn|attn\.out_proj|experts\.w)$"
 DATA_DRIVEN = ("eva",)  # calibrated on linear-layer inputs: refused on substitution layers (tested below)
 CASES = [c for c in all_cases() if c[0] not in DATA_DRIVEN and getattr(c[1], "select", None) != "data"]
 _seen: set[str] = set()
@@ -93,7 +93,7 @@ def test_every_variant_on_every_substitution_kind(case):
     _, cfg = case
     model, ids = _model(), _ids()
     params = lf.init(0, model, cfg, targets=TARGETS)
-    assert sorted(params) == ["attn", "c1", "c2", "c3", "emb", "experts.w"]
+    assert sorted(params) == ["attn", "attn.out_proj", "c1", "c2", "c3", "emb", "experts.w"]
     base = model(ids)
     assert torch.allclose(lf.call(model, steered(params, 0.0), ids), base, atol=1e-10), "identity at init (alpha 0)"
 
