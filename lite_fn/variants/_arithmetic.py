@@ -23,6 +23,9 @@ with task vectors ΔW_i = s_i B_i A_i. Every method gives s = 1 (peft: lora_alph
                B = U_k Σ_k, A = V_kᵀ — the best rank-k approximation of D (Eckart–Young); svd_rank defaults to
                the largest rank of any input layer. svd_clamp = q: c = the q-quantile of the entries of B and A
                together (linear interpolation); both are clamped to [−c, c].
+    A lora_bias leaf ``bias`` is refused: peft's add_weighted_adapter combines lora_A / lora_B only and leaves the
+    merged adapter's lora_B.bias at its zero init — the adapters' biases are dropped, which lite_fn will not do
+    silently (remove the leaves first to get peft's result).
 
 Combiners of task tensors T_i of one shape with weights v_i (torch ops; the masks never depend on v):
 
@@ -123,6 +126,14 @@ _LOWRANK_LEAVES = frozenset({"A", "B", "scale"})
 
 
 def _lowrank_check(path: str, name: str, present: MergePresent) -> None:
+    for i, leaves in present:
+        if "bias" in leaves:
+            raise ValueError(
+                f"{_WHO}: adapters[{i}][{path!r}][{name!r}] has a lora_bias leaf 'bias'; peft's add_weighted_adapter "
+                f"combines lora_A / lora_B only and leaves the merged lora_B.bias at its zero init (the biases are "
+                f"dropped), so lite_fn refuses rather than drop them silently. For peft's result remove the leaves "
+                f"first ({{k: v for k, v in leaves.items() if k != 'bias'}})"
+            )
     _check_leaves(path, name, present, "low-rank", _LOWRANK_NDIM, _LOWRANK_LEAVES)
     dims = {i: (lv["B"].shape[0], lv["A"].shape[1]) for i, lv in present}
     for i, lv in present:

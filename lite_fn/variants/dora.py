@@ -19,6 +19,8 @@ relative accuracy only when s·BA nearly cancels a row of W (n_o ≪ ‖W_o‖),
 Dropout (``dropout`` leaf, with the runtime's ``noise``; peft's DoRA path with lora_dropout):
     y = x Wᵀ + b + (m/n − 1) ⊙ x̃ Wᵀ + (m/n) ⊙ s·(x̃ Aᵀ) Bᵀ,   x̃ = x ⊙ [u ≥ p] / (1 − p)
 which is the formula above when x̃ = x.
+No lora_bias: peft refuses LoraConfig(use_dora=True, lora_bias=True), so DoRAConfig(lora_bias=True) is refused
+and a DoRA layer holds no bias leaf.
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 from .._contract import PeftCodec, PeftConfig, PeftLayer
 from . import _padding
-from .lora import PEFT_LORA, LoRAConfig, delta, dropped, init_factors, linear_delta, peft_factors, peft_lowrank
-from .lora import shapes as lora_shapes
+from .lora import PEFT_LORA, LoRAConfig, delta, dropped, factor_shapes, init_factors, linear_delta, peft_factors, peft_lowrank
 
 __all__ = [
     "NAME",
@@ -52,9 +53,19 @@ TRAINABLE = frozenset({"A", "B", "m"})  # leaves an optimizer updates
 
 @dataclass(frozen=True)
 class DoRAConfig(LoRAConfig):
-    """LoRA's fields (r, alpha, use_rslora, init) and scale; only the variant differs."""
+    """LoRA's fields (r, alpha, use_rslora, init, dropout) and scale; only the variant differs. lora_bias=True
+    is refused, as peft refuses it for DoRA."""
 
     variant_name: ClassVar[str] = NAME
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lora_bias:
+            raise ValueError(
+                "DoRAConfig: lora_bias=True is not supported: peft refuses it for DoRA ('lora_bias=True is not "
+                "supported for DoRA'), so there is no peft math to match; use lf.LoRAConfig(lora_bias=True), or "
+                "DoRAConfig with lora_bias=False"
+            )
 
 
 Config = DoRAConfig
@@ -78,8 +89,8 @@ def init(key: _keys.Key, W: Tensor, cfg: DoRAConfig, statistic=None) -> dict[str
 
 
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
-    """The exact leaf shapes for W of (d_out, d_in): LoRA's plus the magnitude m."""
-    return {**lora_shapes(leaves, d_out, d_in), "m": (d_out,)}
+    """The exact leaf shapes for W of (d_out, d_in): LoRA's factors plus the magnitude m (no bias leaf)."""
+    return {**factor_shapes(leaves, d_out, d_in), "m": (d_out,)}
 
 
 def pad(path: str, present: dict, K: int, own) -> dict:

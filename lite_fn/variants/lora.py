@@ -7,12 +7,18 @@
     B (d_out, r) = 0;                                                 trainable
     scale ()     = s;                                                 frozen leaf
     dropout ()   = p, only when p > 0;                                frozen leaf
+    bias (d_out,) = 0, only with lora_bias=True (peft's lora_B.bias); trainable
 
-Identity at init: B = 0.
+With lora_bias (peft's LoraConfig(lora_bias=True): lora_B is an nn.Linear with a bias, scaled with it):
+    y = x Wᵀ + b + s · ((x Aᵀ) Bᵀ + bias)
+so a merged layer has W' = W + s·BA and b' = b + s·bias; a layer without a bias of its own has no place for
+s·bias, and merging it is refused (as in peft; ``lf.call`` adds it all the same, as peft's forward does).
+
+Identity at init: B = 0 (and bias = 0).
 Dropout (peft's lora_dropout) acts on the adapter branch's input only, inverted:
     y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ,   x̃ = x ⊙ [u ≥ p] / (1 − p)
 with u the uniform ``noise`` (same shape as x) that the runtime derives from an explicit key
-(``lf.call(..., key=k)``); no noise, no dropout, bit for bit.
+(``lf.call(..., key=k)``); no noise, no dropout, bit for bit. The bias is not dropped (it is lora_B's own).
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ __all__ = [
     "apply",
     "apply_runs",
     "init",
+    "merged",
     "pad",
     "shapes",
 ]  # the variant contract; other names are shared helpers
 NAME = "lora"
-TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
+TRAINABLE = frozenset({"A", "B", "bias"})  # leaves an optimizer updates
 MERGE = _arithmetic.LOWRANK  # adapter arithmetic (merge_adapters): all of peft's combination types
 
 
@@ -54,6 +61,7 @@ class LoRAConfig:
     use_rslora: bool = False
     init: str = "kaiming"  # "kaiming" (peft default) | "gaussian"
     dropout: float = 0.0  # peft's lora_dropout, on the adapter input; active only with lf.call(..., key=k)
+    lora_bias: bool = False  # peft's lora_bias: a trainable bias on lora_B (leaf "bias", zero at init)
     variant_name: ClassVar[str] = NAME
 
     def __post_init__(self):
@@ -62,6 +70,8 @@ class LoRAConfig:
         _checks.finite_number("alpha", self.alpha, who)
         _checks.one_of("init", self.init, {"kaiming", "gaussian"}, who)
         check_dropout(self.dropout, who)
+        if not isinstance(self.lora_bias, bool):
+            raise ValueError(f"{who}: lora_bias={self.lora_bias!r} must be True or False")
 
     @property
     def scale(self) -> float:
@@ -97,7 +107,7 @@ def dropped(params: dict[str, Tensor], x: Tensor, noise: Tensor | None) -> Tenso
 
 
 def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:
-    """A (random), B (zero), scale: shared by LoRA, DoRA and DeLoRA-style variants."""
+    """A (random), B (zero), scale, and bias (zero) with lora_bias: shared by LoRA and DoRA."""
     d_out, d_in = _checks.check_weight(W, who)
     _checks.check_rank(cfg.r, d_out, d_in, who)
     gen = _keys.generator(key)
@@ -111,6 +121,7 @@ def init_factors(key: _keys.Key, W: Tensor, cfg, who: str) -> dict[str, Tensor]:
         "B": torch.zeros(d_out, cfg.r, **opts).requires_grad_(True),
         "scale": torch.tensor(cfg.scale, **opts),
         **dropout_leaf(cfg, opts),
+        **({"bias": torch.zeros(d_out, **opts).requires_grad_(True)} if getattr(cfg, "lora_bias", False) else {}),
     }
 
 
@@ -129,9 +140,11 @@ def delta(params: dict[str, Tensor], x: Tensor) -> Tensor:
 
 
 def linear_delta(x: Tensor, W: Tensor, b: Tensor | None, params: dict[str, Tensor], xd: Tensor) -> Tensor:
-    """x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ with x̃ = ``xd``: the layer's product and the low-rank branch, the
-    second GEMM accumulated into the first (``linalg.linear_add``)."""
-    return linalg.linear_add(x, W, b, projected(params, xd), params["B"])
+    """x Wᵀ + b + s · ((x̃ Aᵀ) Bᵀ + bias) with x̃ = ``xd`` (no bias leaf: no bias term): the layer's product and
+    the low-rank branch, the second GEMM accumulated into the first (``linalg.linear_add``)."""
+    y = linalg.linear_add(x, W, b, projected(params, xd), params["B"])
+    # added after the GEMMs, not folded into b: a quantized layer's product is its own call's output only with its own b
+    return y + params["scale"] * params["bias"] if "bias" in params else y
 
 
 def apply_runs(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
@@ -142,18 +155,62 @@ def apply_runs(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None
     ``apply`` when a key is given)."""
     K = x.shape[0]
     h = torch.bmm(x.reshape(K, -1, x.shape[-1]), params["A"].mT) * params["scale"].view(K, 1, 1)  # (K, rows, r)
-    return linalg.add_product(torch.nn.functional.linear(x, W, b), h.view(*x.shape[:-1], -1), params["B"])
+    y = linalg.add_product(torch.nn.functional.linear(x, W, b), h.view(*x.shape[:-1], -1), params["B"])
+    if "bias" in params:  # s_k · bias_k on run k: (K, 1…, d_out)
+        y = y + (params["scale"].view(K, 1) * params["bias"]).view(K, *([1] * (x.ndim - 2)), -1)
+    return y
 
 
-def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
-    """The exact leaf shapes for W of (d_out, d_in); the rank r is read from A."""
+def factor_shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """A, B, scale (and dropout when given) for W of (d_out, d_in): the leaves every LoRA-family variant holds."""
     r = leaves["A"][0] if len(leaves.get("A", ())) == 2 else 0
     return {"A": (r, d_in), "B": (d_out, r), "scale": (), **({"dropout": ()} if "dropout" in leaves else {})}
 
 
+_OWN_LEAVES = frozenset({"A", "B", "scale", "dropout", "bias"})
+
+
+def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The exact leaf shapes for W of (d_out, d_in); the rank r is read from A; bias (d_out,) when given.
+
+    The bias is offered only to leaves that are LoRA's own: a variant that extends these shapes with leaves
+    of its own (PiSSA's A0/B0) and applies them without ``linear_delta`` then refuses a stray bias as an
+    unexpected leaf instead of ignoring it. (EVA holds exactly LoRA's leaves and runs ``linear_delta``: a bias
+    leaf there computes LoRA's math.)"""
+    out = factor_shapes(leaves, d_out, d_in)
+    if "bias" in leaves and leaves.keys() <= _OWN_LEAVES:
+        out["bias"] = (d_out,)
+    return out
+
+
 def pad(path: str, present: dict, K: int, own) -> dict:
-    """lf.stack(pad=True): zero rank rows of A / columns of B; no adapter here: zero factors."""
-    return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1})
+    """lf.stack(pad=True): zero rank rows of A / columns of B; no adapter here: zero factors. When some
+    adapters have a lora_bias here, the others get a zero bias (their output is unchanged)."""
+    if any("bias" in leaves for leaves in present.values()):
+        present = {k: {**v, "bias": v["bias"] if "bias" in v else v["B"].new_zeros(v["B"].shape[0])} for k, v in present.items()}
+    return _padding.lowrank(NAME, path, present, K, {"A": 0, "B": 1}, zero={"A", "B", "bias"})
+
+
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W + s·BA, b + s·bias): the dense layer ``apply`` computes (peft's merge: ``get_delta_weight`` and, with
+    lora_bias, base bias += s·lora_B.bias).
+
+    Raises:
+        ValueError: a bias leaf on a layer without a bias of its own (the merged layer has no bias to carry it;
+        peft refuses the same merge).
+    """
+    s = params["scale"]
+    W_new = W + s * (params["B"] @ params["A"])
+    if "bias" not in params:
+        return W_new, b
+    if b is None:
+        raise ValueError(
+            f"lora: a layer with weight {tuple(W.shape)} and no bias has a lora_bias leaf 'bias': its merged form "
+            f"needs b' = s·bias, but the layer has no bias parameter to carry it (functional_call cannot add one; "
+            f"peft refuses this merge too: 'the base layer has no bias'). Use lf.call / lf.applied, which add it, "
+            f"or give the layer a zero bias (e.g. nn.Linear(..., bias=True) with bias.zero_()) before merging"
+        )
+    return W_new, b + s * params["bias"]
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
@@ -164,7 +221,8 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
 # ----------------------------------------------------------------------------- peft: the LORA type
 # peft's adapter_config.json for LoRA and the variants it stores as LoRA (dora, pissa, eva, antipasto).
 # Tensors per targeted module (W is d_out × d_in): lora_A.weight (r, d_in), lora_B.weight (d_out, r);
-# with use_dora also lora_magnitude_vector (d_out,). Per-layer rank and alpha: rank_pattern / alpha_pattern.
+# with use_dora also lora_magnitude_vector (d_out,); with lora_bias also lora_B.bias (d_out,), on every layer
+# (one flag per adapter). Per-layer rank and alpha: rank_pattern / alpha_pattern.
 #
 # init_lora_weights is plain LoRA on disk, but two inits change the base inside from_pretrained: "pissa"
 # and "olora" re-run on the model given and subtract s·B₀A₀ from its weights; such layers load as lite_fn's
@@ -204,6 +262,26 @@ def peft_init(cfg: PeftConfig) -> str:
     raise ValueError(f"{where} sets init_lora_weights={init!r}, which lite_fn cannot reproduce: {reason}")
 
 
+def _peft_check(cfg: PeftConfig) -> str:
+    """``peft_init``, after refusing lora_bias where peft's LoraConfig refuses it (with DoRA; with an init other
+    than true / false: the residual inits' codec and lite_fn's DoRA have no bias leaf)."""
+    lora_bias, where = cfg.get("lora_bias", False), cfg.where
+    if not isinstance(lora_bias, bool):
+        raise ValueError(f"{where} sets lora_bias={lora_bias!r}; expected true or false")
+    if lora_bias and cfg.get("use_dora"):
+        raise ValueError(
+            f"{where} sets lora_bias=True with use_dora=True, which peft itself refuses ('lora_bias=True is not "
+            f"supported for DoRA') and lite_fn's DoRA has no bias leaf for; only one of them loads"
+        )
+    init = cfg.get("init_lora_weights", True)
+    if lora_bias and init is not True and init is not False:
+        raise ValueError(
+            f"{where} sets lora_bias=True with init_lora_weights={init!r}, which peft itself refuses (lora_bias=True "
+            f"is only supported with init_lora_weights=True or False); only those load with lora_bias"
+        )
+    return peft_init(cfg)
+
+
 def peft_factors(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
     """A, B and scale of one layer of a peft LORA file (what lora, dora and pissa read)."""
     A, B = layer.tensors["lora_A.weight"], layer.tensors["lora_B.weight"]
@@ -227,6 +305,36 @@ def peft_lowrank(A: Tensor, B: Tensor, s: float, path: str, **facts) -> tuple[di
     return {"lora_A.weight": A.detach(), "lora_B.weight": B.detach()}, {"r": A.shape[0], "scale": s, **facts}
 
 
+def _peft_tensors(cfg: PeftConfig, layer: PeftLayer) -> tuple[str, ...]:
+    return ("lora_A.weight", "lora_B.weight", *(("lora_B.bias",) if cfg.get("lora_bias") else ()))
+
+
+def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    leaves = peft_factors(cfg, layer)
+    return {**leaves, "bias": layer.tensors["lora_B.bias"]} if cfg.get("lora_bias") else leaves
+
+
+def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
+    tensors, facts = peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer.path)
+    if "bias" not in leaves:
+        return tensors, facts
+    return {**tensors, "lora_B.bias": leaves["bias"].detach()}, {**facts, "lora_bias": True}
+
+
+def _lora_bias(layers: list[PeftLayer], facts: list[dict]) -> bool:
+    """peft's lora_bias (one flag for the whole adapter): whether the layers carry a lora_B bias — all or none."""
+    biased = [layer.path for layer, f in zip(layers, facts) if f.get("lora_bias")]
+    if biased and len(biased) < len(layers):
+        plain = [layer.path for layer, f in zip(layers, facts) if not f.get("lora_bias")]
+        raise ValueError(
+            f"save_peft: peft's lora_bias is one flag for the whole adapter, but {biased[:3]} have a lora_B bias "
+            f"(leaf 'bias') and {plain[:3]} do not; give the LoRA layers among those a zero bias "
+            f"(params[path]['lora']['bias'] = torch.zeros(d_out), which changes nothing) or save the two groups "
+            f"to separate directories"
+        )
+    return bool(biased)
+
+
 def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter) -> dict:
     paths = [layer.path for layer in layers]
     ranks = {p: f["r"] for p, f in zip(paths, facts)}
@@ -245,7 +353,7 @@ def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter)
         "use_dora": any(f.get("use_dora", False) for f in facts),
         "fan_in_fan_out": any(layer.kind == "Conv1D" for layer in layers),
         "bias": "none",
-        "lora_bias": False,
+        "lora_bias": _lora_bias(layers, facts),
         "lora_dropout": 0.0,
         "init_lora_weights": True,
         "rank_pattern": writer.pattern(ranks, r),
@@ -257,7 +365,7 @@ def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter)
 
 PEFT_LORA = PeftFormat(
     peft_type="LORA",
-    suffixes=("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight"),
+    suffixes=("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight"),
     aliases={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
     fields=frozenset(
         {
@@ -273,6 +381,7 @@ PEFT_LORA = PeftFormat(
             "use_dora",
             "init_lora_weights",
             "bias",
+            "lora_bias",  # plain LoRA only (_peft_check)
             "fan_in_fan_out",  # peft sets it per layer from the layer type (Conv1D is fan-in-fan-out)
         }
     ),
@@ -291,7 +400,6 @@ PEFT_LORA = PeftFormat(
         }
     ),
     refuses={
-        "lora_bias": "a bias on lora_B has no lite_fn leaf; only lora_bias=false loads",
         "trainable_token_indices": "trainable tokens replace rows of an embedding, which lite_fn does not adapt",
         "layer_replication": "it duplicates decoder layers, changing the model's structure",
         "target_parameters": "it adapts raw nn.Parameters (e.g. MoE experts), not linear layers",
@@ -304,14 +412,14 @@ PEFT_LORA = PeftFormat(
         "monteclora_config": "MonteCLoRA samples the adapter",
         "use_bdlora": "BD-LoRA uses block-diagonal factors",
     },
-    check=peft_init,
+    check=_peft_check,
     config=_peft_config,
 )
 
 PEFT = PeftCodec(
     format=PEFT_LORA,
     claims=lambda cfg, path: not cfg.get("use_dora") and peft_init(cfg) == "plain",
-    tensors=lambda cfg, layer: ("lora_A.weight", "lora_B.weight"),
-    read=peft_factors,
-    write=lambda leaves, layer: peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer.path),
+    tensors=_peft_tensors,
+    read=_peft_read,
+    write=_peft_write,
 )
