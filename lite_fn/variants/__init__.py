@@ -88,7 +88,14 @@ def dense_weights(variant: VariantSpec, params: dict, W, b=None):
     eye = torch.eye(d_in, dtype=W.dtype, device=W.device)
     b_new = variant.apply(params, W, torch.zeros(1, d_in, dtype=W.dtype, device=W.device), b)[0]
     W_new = (variant.apply(params, W, eye, b) - b_new).transpose(-1, -2)
-    return W_new, (b_new if b is not None else None)  # with b=None, apply(·, 0) is exactly 0
+    if b is None:  # a layer without a bias: the variant must add no constant, or W' alone would drop it
+        if not torch._C._are_functorch_transforms_active() and bool(b_new.ne(0).any()):  # pyright: ignore[reportAttributeAccessIssue]
+            raise ValueError(
+                f"variant {variant.NAME!r} adds a constant (a bias) on a layer that has none, which a merged weight "
+                f"cannot hold; merge it into a layer with a bias, or give the variant a `merged` hook that says how"
+            )
+        return W_new, None
+    return W_new, b_new
 
 
 def merged_weights(variant: VariantSpec, params: dict, W, b=None):
