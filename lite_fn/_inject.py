@@ -612,7 +612,8 @@ def checkpoint_context() -> tuple[_MarkCheckpoint, _Recompute]:
 
 def missed_error(paths: list[str], what: str) -> RuntimeError:
     kinds = "F.linear (nn.Linear), torch.addmm (Conv1D), their own call, or a use of their weight"
-    first = paths[0].replace(".", "\\.")
+    names = {p.rpartition(".")[2] for p in paths}  # the layers' own names (dt_proj), for one pattern over all of them
+    first = "(" + "|".join(sorted(names)) + ")" if len(names) > 1 else names.pop()
     return RuntimeError(
         f"{what}: targeted layers {paths} were never computed through {kinds} during the forward, so their adapters "
         f"did not act. Drop them from params/targets if the forward does not use them. If the model uses their "

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import _checks, _layers, variants
 from ._contract import VariantSpec
@@ -112,7 +113,15 @@ def resolve(model: nn.Module, path: str) -> tuple[nn.Module, _layers.LayerKind]:
         return owner, raw_parameter_kind(owner, path, name, t)
     parent_path = path.rpartition(".")[0]
     parent = submodule(model, parent_path) if "." in path else model
-    return module, _layers.kind_of(module, path, parent)
+    kind = _layers.kind_of(module, path, parent)
+    if parametrize.is_parametrized(module, kind.param):
+        raise TypeError(
+            f"module {path!r} has a parametrized {kind.param} (torch.nn.utils.parametrize, e.g. weight_norm): it is "
+            f"recomputed from its parametrization's tensors at every access, so lite_fn cannot recognise it in the "
+            f"forward; exclude it from `targets`, or remove the parametrization first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations(module, {kind.param!r}))"
+        )
+    return module, kind
 
 
 def raw_parameter_kind(owner: nn.Module, path: str, name: str, t: Tensor) -> _layers.LayerKind:

@@ -10,7 +10,7 @@ from torch import nn
 from . import _layers, _plan
 
 # Output heads and embedding-like names never targeted by default.
-HEADS_AND_EMBEDDINGS = re.compile(r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|score|classifier|pooler\.dense|cls\..*)$")
+HEADS_AND_EMBEDDINGS = re.compile(r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|score|classifier|pooler(\.dense)?|cls\..*)$")
 
 
 def select(model: nn.Module, targets: str | Sequence[str] | None = None) -> list[str]:
