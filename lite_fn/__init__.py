@@ -25,6 +25,7 @@ from .variants.boft import BOFTConfig
 from .variants.delora import DeLoRAConfig
 from .variants.dora import DoRAConfig
 from .variants.eva import EVAConfig
+from .variants.full import FullConfig
 from .variants.hra import HRAConfig
 from .variants.ia3 import IA3Config
 from .variants.ia3_ff import IA3FFConfig
@@ -44,6 +45,7 @@ __all__ = [
     "DeLoRAConfig",
     "DoRAConfig",
     "EVAConfig",
+    "FullConfig",
     "HRAConfig",
     "IA3Config",
     "IA3FFConfig",

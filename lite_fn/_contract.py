@@ -121,7 +121,7 @@ class PeftFormat:
     ``tensors`` under its name (so a codec's ``tensors(cfg, layer)`` lists it when the file must hold it);
     writing, ``shared_tensors(layers, facts)`` gives them."""
 
-    peft_type: str  # "LORA"
+    peft_type: str  # "LORA"; "" for a variant written beside any type's adapter (full copies: modules_to_save, bias="all")
     suffixes: tuple[str, ...]  # every tensor-name suffix a file of this type may hold
     fields: frozenset[str]
     config: Callable[[list[PeftLayer], list[dict], PeftWriter], dict]

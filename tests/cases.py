@@ -12,6 +12,11 @@ _CASES = {
     "eva": lambda: [lf.EVAConfig(r=4, alpha=8)],
     "hra": lambda: [lf.HRAConfig(r=4)],
     "ia3": lambda: [lf.IA3Config()],
+    "full": lambda: [lf.FullConfig()],
+    "trainable_tokens": lambda: [  # the dense view's input columns (an embedding's rows); a head's output rows
+        __import__("lite_fn.variants.trainable_tokens", fromlist=["x"]).TrainableTokensConfig(token_indices=[5, 1, 17]),
+        __import__("lite_fn.variants.trainable_tokens", fromlist=["x"]).TrainableTokensConfig(token_indices=[30, 2], side="out"),
+    ],
     "ia3_ff": lambda: [lf.IA3FFConfig()],
     "road": lambda: [lf.ROADConfig(variant=v, group_size=8) for v in ("road_1", "road_2", "road_4")],
     "lokr": lambda: [  # W1 full, W2 a product; both products ("lycoris" init); both full (decompose_factor=8)

@@ -411,7 +411,6 @@ def test_save_refusals_name_what_peft_cannot_hold(tmp_path):
         (dict(boft_block_size=3), r"boft_block_size=3.*block_size=3 does not fit d_in=32.*use block_size=2 or 4"),
         (dict(boft_block_size=4, boft_block_num=8), r"boft_block_size=4, boft_block_num=8.*set exactly one"),
         (dict(boft_n_butterfly_factor=0), r"boft_n_butterfly_factor=0; expected a positive int"),
-        (dict(bias="boft_only"), r"bias='boft_only'.*only bias='none' loads"),
         (dict(boft_block_size=8), r"boft_R has shape \(1, 8, 4, 4\), but .* gives \(1, 4, 8, 8\)"),
     ],
 )

@@ -418,7 +418,6 @@ def test_save_refusals_name_what_peft_cannot_hold(tmp_path):
         (dict(r=4), r"sets r=4 and oft_block_size=8; peft's OFT needs exactly one of them non-zero"),
         (dict(block_share=True), r"q_proj.oft_R.weight has shape \(4, 28\), but .* gives \(1, 28\)"),
         (dict(oft_block_size=16), r"has shape \(4, 28\), but .* gives \(2, 120\)"),
-        (dict(bias="oft_only"), r"bias='oft_only'"),
         (dict(some_new_field=3), r"some_new_field=3.*does not know the field"),
     ],
 )
@@ -439,14 +438,20 @@ def test_load_ignores_module_dropout_as_peft_does(tmp_path):
     assert rel_err(lite_out(tiny("llama"), params), train_out) <= 1e-5
 
 
-def test_load_refuses_an_embedding_target(tmp_path):
+def test_embedding_target_loads_as_the_output_side_form_and_saves_back(tmp_path):
+    """peft's OFT on an nn.Embedding rotates the embedding vectors (oft_embedding_R): leaf Q_out, both ways."""
     pm = moved_peft(tiny("llama"), peft.OFTConfig(oft_block_size=8, target_modules=["embed_tokens", "q_proj"]))
     pm.save_pretrained(tmp_path / "a")  # peft then saves the embedding weights too
     with pytest.raises(ValueError, match=r"holds base-model weights.*embed_tokens"):
         lf.load_peft(tmp_path / "a", model=tiny("llama"))
     pm.save_pretrained(tmp_path / "b", save_embedding_layers=False)  # only oft_embedding_R.weight
-    with pytest.raises(ValueError, match=r"targets 'model.embed_tokens'.*Embedding; lite_fn adapts nn.Linear"):
-        lf.load_peft(tmp_path / "b", model=tiny("llama"))
+    params = lf.load_peft(tmp_path / "b", model=tiny("llama"))
+    assert set(params["model.embed_tokens"]["oft"]) == {"Q_out", "neumann"}
+    want = out(pm, IDS)
+    assert rel_err(lite_out(tiny("llama"), params), want) <= 1e-5
+    assert rel_err(lite_out(tiny("llama"), params), out(tiny("llama"), IDS)) > 1e-3  # the rotation is not trivial
+    lf.save_peft(tmp_path / "c", params, model=tiny("llama"))
+    assert rel_err(out(from_pretrained(tiny("llama"), tmp_path / "c"), IDS), want) <= 1e-5
 
 
 # ---------------------------------------------------------------- a 4-bit base (peft's OFT wraps bitsandbytes layers too)

@@ -474,11 +474,10 @@ def lora_dir(tmp_path, base=None, **cfg):
 @pytest.mark.parametrize(
     "kind,cfg,match",
     [
-        ("llama", dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
         ("bert", dict(target_modules=["query"], bias="all"), r"bias='all'"),
-        ("bert", dict(target_modules=["query"], bias="lora_only"), r"bias='lora_only'"),
         ("llama", dict(trainable_token_indices=[1, 2]), r"trainable_token_indices=\[1, 2\]"),
-        ("llama", dict(target_modules=["q_proj", "embed_tokens"]), r"embedding layer \(target 'model.embed_tokens'\)"),
+        # an embedding LoRA loads (tests/test_layer_kinds_lora.py), but peft saves the embedding's base weights with it here
+        ("llama", dict(target_modules=["q_proj", "embed_tokens"]), r"base-model weights \(\['base_model.*embed_tokens"),
         ("llama", dict(layer_replication=[[0, 2], [1, 2]]), r"layer_replication=\[\[0, 2\], \[1, 2\]\]"),
     ],
 )
@@ -517,22 +516,6 @@ def test_load_refuses_other_peft_types(tmp_path):
     readable = r"\['BOFT', 'DELORA', 'HRA', 'IA3', 'LOHA', 'LOKR', 'LORA', 'OFT', 'ROAD', 'VERA'\]"
     with pytest.raises(ValueError, match=rf"peft_type='FOURIERFT'; lite_fn reads {readable}"):
         lf.load_peft(d, model=base)
-
-
-def test_load_refuses_conv2d_targets(tmp_path):
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.lin = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.lin(self.conv(x).mean((-1, -2)))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    d = saved(moved_peft(net, peft.LoraConfig(r=2, target_modules=["conv", "lin"])), tmp_path)
-    with pytest.raises(ValueError, match=r"'conv'.*Conv2d"):
-        lf.load_peft(d, model=net)
 
 
 def test_pickle_adapters_are_refused_with_a_conversion_recipe(tmp_path):

@@ -510,9 +510,6 @@ def test_save_peft_loads_in_peft_and_round_trips(kind, targets, tmp_path):
 
 def test_load_peft_refuses_what_it_cannot_reproduce(tmp_path):
     base = tiny("llama")
-    _, d = _peft_dir(tmp_path, base, peft.VeraConfig(r=4, target_modules=["q_proj"], bias="vera_only"))
-    with pytest.raises(ValueError, match=r"bias='vera_only'"):
-        lf.load_peft(d, model=base)
     _, d = _peft_dir(tmp_path, base, peft.VeraConfig(r=4, target_modules=["q_proj"]), name="cut")
     stored = load_file(str(d / "adapter_model.safetensors"))
     save_file({k: v for k, v in stored.items() if k != "base_model.vera_B"}, str(d / "adapter_model.safetensors"))

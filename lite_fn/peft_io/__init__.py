@@ -22,14 +22,18 @@ Loading checks that the modules the config targets are exactly those the weights
 every config field is read by the type's codecs, ignored for a stated reason, or unset (anything
 else — e.g. a field a newer peft added — is refused by name), and casts each leaf to its layer
 weight's dtype and device (peft keeps fp32 adapters on a bf16 model by default, so bf16 outputs
-differ from peft's by bf16 rounding). Refused for every type: trained model biases (``bias`` other
-than "none"), ``modules_to_save`` matching a module, trainable tokens, LoRA on embeddings or
-``nn.MultiheadAttention``, base-model weights in the file, a ``.bin`` (pickle) adapter.
+differ from peft's by bf16 rounding). Beside any type's adapters it reads ``target_parameters`` (raw
+parameters, e.g. MoE experts, keyed by their paths), ``modules_to_save`` (full copies: the full variant) and
+trained biases (``bias="all"`` / ``"<type>_only"``: an adapted layer's in its codec, if it has a leaf for it,
+any other layer's as a full copy of its bias); see "parameters, full copies, biases" below. Refused for
+every type: a trained tensor no leaf holds (a norm's bias), trainable tokens, LoRA on ``nn.MultiheadAttention``,
+base-model weights in the file, a ``.bin`` (pickle) adapter.
 
 Writing groups the params' variants by the peft type (and group) their codecs write — variants of
 different groups cannot share one peft directory, and saying which to save apart is an error — then
-each codec writes its layers' tensors and the type's format writes its config fields. Stacked params
-are refused (save ``lf.unstack`` entries one by one).
+each codec writes its layers' tensors and the type's format writes its config fields; full copies go beside
+them into any type's file (``modules_to_save``, ``bias="all"``). Stacked params are refused (save
+``lf.unstack`` entries one by one).
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def _codecs() -> list[tuple[str, PeftCodec]]:
 
 def _readable_formats() -> dict[str, PeftFormat]:
     """peft type -> format, for the types some registered codec reads."""
-    return {c.format.peft_type: c.format for _, c in _codecs() if c.read is not None}
+    return {c.format.peft_type: c.format for _, c in _codecs() if c.read is not None and c.format.peft_type}
 
 
 class _FileConfig:
@@ -118,16 +122,13 @@ def _check_fields(cfg: _FileConfig, fmt: PeftFormat, model: nn.Module) -> None:
         why = fmt.refuses.get(name, "this reader does not know the field (a newer peft?) and will not ignore it")
         raise ValueError(f"{where} sets {name}={value!r}, which lite_fn cannot reproduce: {why}")
     bias = cfg.get("bias", "none")
-    if bias != "none":
-        raise ValueError(
-            f"{where} sets bias={bias!r}: peft trained (and saved) the biases of the model, which lite_fn "
-            f"adapters cannot hold; only bias='none' loads"
-        )
+    if not (bias in ("none", "all") or (isinstance(bias, str) and bias.endswith("_only"))):
+        raise ValueError(f"{where} sets bias={bias!r}; peft's values are 'none', 'all' and '<type>_only' (e.g. 'lora_only')")
     to_save = cfg.get("modules_to_save")
     if to_save:
         names = [to_save] if isinstance(to_save, str) else list(to_save)
         hit = [p for p, _ in model.named_modules() if p and any(p.endswith(m) for m in names)]
-        if hit:
+        if hit and _aside() is None:
             raise ValueError(
                 f"{where} sets modules_to_save={to_save!r}, which matches {hit[:4]} of "
                 f"{type(model).__name__}: peft trained full copies of those modules, which lite_fn "
@@ -136,15 +137,15 @@ def _check_fields(cfg: _FileConfig, fmt: PeftFormat, model: nn.Module) -> None:
     fmt.check(cfg)
 
 
-def _refuse_foreign_tensors(tensors: dict[str, Tensor], file: str) -> None:
-    """The most telling refusals first: a LoRA on an embedding (whose base weights peft saves too)."""
+def _refuse_foreign_tensors(tensors: dict[str, Tensor], file: str, fmt: PeftFormat) -> None:
+    """The most telling refusals first: a LoRA on an embedding in a type that has none, on nn.MultiheadAttention."""
     prefix = _files.PREFIX
-    emb = [k for k in tensors if ".lora_embedding_" in k]
+    emb = [k for k in tensors if ".lora_embedding_" in k and not k.endswith(tuple("." + s for s in fmt.suffixes))]
     if emb:
         target = emb[0].removeprefix(prefix).split(".lora_embedding_")[0]
         raise ValueError(
-            f"{file!r}: tensor {emb[0]!r} is a LoRA on an embedding layer (target {target!r}); lite_fn adapts "
-            f"nn.Linear and Conv1D layers only"
+            f"{file!r}: tensor {emb[0]!r} is a LoRA on an embedding layer (target {target!r}), which a peft "
+            f"{fmt.peft_type} adapter never holds"
         )
     base = [k for k in tensors if ".base_layer." in k]
     mha = [k for k in base if ".base_layer.out_proj.lora_" in k]
@@ -152,12 +153,15 @@ def _refuse_foreign_tensors(tensors: dict[str, Tensor], file: str) -> None:
         target = mha[0].removeprefix(prefix).split(".base_layer.")[0]
         raise ValueError(
             f"{file!r}: tensor {mha[0]!r} is peft's LoRA on an nn.MultiheadAttention (target {target!r}: its fused "
-            f"in_proj and its out_proj); lite_fn does not adapt nn.MultiheadAttention — load it with peft, or target "
-            f"the model's nn.Linear layers"
+            f"in_proj and its out_proj), which lite_fn cannot reproduce: peft 0.21 adds the out_proj update twice in "
+            f"every forward and merge (W + 2·s·BA; huggingface/peft#3774), so which math a file means depends on the "
+            f"peft version — load it with peft, or target the model's nn.Linear layers"
         )
     if base:
         raise ValueError(
-            f"{file!r} holds base-model weights ({base[:3]}; peft's save_embedding_layers), which a lite_fn adapter cannot hold"
+            f"{file!r} holds base-model weights ({base[:3]}; peft's save_embedding_layers), which a lite_fn adapter cannot "
+            f"hold; if they are the model's own (an embedding LoRA without a resized vocabulary), save the adapter with "
+            f"save_pretrained(..., save_embedding_layers=False)"
         )
 
 
@@ -216,7 +220,8 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
     Returns:
         ``{module_path: {variant: {leaf: Tensor}}}``, each layer as the variant whose peft codec reads
         it (LoRA files: lora, dora or pissa; IA3: ia3 or ia3_ff; HRA, DeLoRA, RoAd, OFT, BOFT, LoHa, LoKr,
-        VeRA: themselves); leaves
+        VeRA: themselves), a raw parameter of ``target_parameters`` under its path (one adapter per expert
+        of a 3-D one), and the full copies of ``modules_to_save`` / ``bias="all"`` as ``full``; leaves
         in each layer weight's dtype and device, trainability as each variant declares it.
 
     Raises:
@@ -253,7 +258,11 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
     _check_fields(cfg, fmt, model)
     weights_file, tensors = _files.read_weights(folder)
 
-    _refuse_foreign_tensors(tensors, weights_file)
+    module_targets = _matcher.target_paths(fields, model, where)
+    parameters = _matcher.parameter_paths(fields, model, where)  # target_parameters: raw parameters (MoE experts)
+    tensors = _unwrapped(tensors, parameters, model, fmt)
+    aside, base_biases = _read_aside(tensors, cfg, model, weights_file, module_targets + parameters)
+    _refuse_foreign_tensors(tensors, weights_file, fmt)
     by_path: dict[str, dict[str, Tensor]] = {}
     shared: dict[str, Tensor] = {}  # the format's model-level tensors, handed to every layer's codec
     for key, t in tensors.items():
@@ -263,7 +272,7 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
         mpath, suffix = _split_key(key, fmt, weights_file)
         by_path.setdefault(mpath, {})[suffix] = t
 
-    targets = _matcher.target_paths(fields, model, where)
+    targets = module_targets + parameters
     missing = [p for p in targets if p not in by_path]
     extra = [p for p in by_path if p not in set(targets)]
     if missing or extra:
@@ -291,6 +300,8 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
     params: dict = {}
     for mpath in targets:  # model order
         (module, layer_kind), found = kinds[mpath], {**by_path[mpath], **shared}
+        if mpath in base_biases:  # bias="all" / "<type>_only": the target's own bias, trained
+            found[BASE_BIAS] = base_biases[mpath]
         if layer_kind.name not in fmt.kinds:
             raise ValueError(
                 f"{where} targets {mpath!r}, a {type(module).__name__} (lite_fn layer kind {layer_kind.name!r}); "
@@ -301,6 +312,10 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
         layer = _layer(mpath, module, layer_kind, W, found)
         need = codec.tensors(cfg, layer)
         absent = [s for s in need if s not in found]
+        if BASE_BIAS in found and BASE_BIAS not in need:  # a codec without a leaf for it: only an untrained one loads
+            _untrained_bias(
+                found.pop(BASE_BIAS), getattr(module, "bias", None), f"{where}: {mpath!r} (read as {name}) has a bias"
+            )
         unexpected = sorted(s for s in found if s not in need)
         if absent or unexpected:
             raise ValueError(
@@ -314,12 +329,229 @@ def load_peft(path, *, model: nn.Module, adapter_name: str | None = None) -> dic
         assert codec.read is not None  # claims is set only with read
         leaves = codec.read(cfg, layer)
         params[mpath] = {name: {k: _leaf(v, W) for k, v in leaves.items()}}
+    params.update(_aside_params(aside, cfg, model, params))
     io.check_against(model, params, source=f"peft adapter {folder!r}")
     return trees.declared(params)
 
 
 def _layer(path: str, module: nn.Module, kind: _layers.LayerKind, W: Tensor, tensors: dict) -> PeftLayer:
     return PeftLayer(path, kind.name, W, tensors, module, tuple(_layers.weight_of(module, kind).shape))
+
+
+# ----------------------------------------------------------------------------- parameters, full copies, biases
+# peft's LoRA on raw parameters (target_parameters) keeps one ParamWrapper per parameter, nested when a module has
+# several: the keys of all of them start with the module's path, the inner ones with "base_layer." once per wrapper
+# around them (``_matcher.wrapper_depths``). Here they are keyed by the parameter path, as lite_fn's params are.
+#
+# Beside its type's adapters a peft file may hold full copies of modules (modules_to_save: "<module>.<key>" for every
+# key of the module's state_dict, peft's ModulesToSaveWrapper) and trained biases (bias="all": every "<module>.bias"
+# of the model, an adapted layer's as "<path>.base_layer.bias"; "<type>_only": the adapted layers' only). The room
+# reads and writes them for the registered variant whose codec has no peft type of its own (its format's
+# ``peft_type`` is "": lite_fn's full copy), by role: "weight" in the layer's dense (d_out, d_in) view, and "bias".
+# An adapted layer's trained bias goes to its own codec as the tensor BASE_BIAS, if the codec lists it (LoRA's bias
+# leaf holds it); a tensor no full copy holds (a norm's weight, a buffer) must be the model's own.
+BASE_BIAS = "base_layer.bias"  # peft's key (after the layer path) of an adapted layer's own bias
+
+
+def _aside() -> tuple[str, PeftCodec] | None:
+    """(variant name, codec) of the registered variant written beside any type's adapter (full copies), if any."""
+    return next(((n, c) for n, c in _codecs() if not c.format.peft_type), None)
+
+
+def _stem(path: str, depths: dict[str, int]) -> str:
+    """The key stem of a layer's tensors: its path, or for a parameter its module's path and peft's wrapper nesting."""
+    if path not in depths:
+        return path
+    return path.rpartition(".")[0] + ".base_layer" * depths[path]
+
+
+def _stored(t: Tensor) -> Tensor:
+    return t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+
+
+def _unwrapped(tensors: dict[str, Tensor], parameters: list[str], model: nn.Module, fmt: PeftFormat) -> dict[str, Tensor]:
+    """``tensors`` with the keys of peft's nested ParamWrappers ("<module>.base_layer.lora_A.weight") keyed by their
+    parameter paths ("<module>.<parameter>.lora_A.weight")."""
+    prefix = _files.PREFIX
+    for p, depth in _matcher.wrapper_depths(parameters, model).items():
+        for s in fmt.suffixes:
+            t = tensors.pop(f"{prefix}{_stem(p, {p: depth})}.{s}", None)
+            if t is not None:
+                tensors[f"{prefix}{p}.{s}"] = t
+    return tensors
+
+
+def _holder(model: nn.Module, key: str) -> tuple[str, str, _layers.LayerKind] | None:
+    """(lite_fn path, role, layer kind) of the full copy that holds the model tensor ``key`` (a state_dict key), or
+    None: a layer's weight or bias, or a 2-D / 3-D parameter of a module that is no layer kind, has one."""
+    owner, _, name = key.rpartition(".")
+    try:
+        _, kind = _plan.resolve(model, owner)
+    except (AttributeError, TypeError):  # no layer kind: the parameter by its path
+        try:
+            _, kind = _plan.resolve(model, key)
+        except (AttributeError, TypeError):
+            return None
+        return key, "weight", kind
+    if name == kind.param:
+        return owner, "weight", kind
+    if name == kind.bias_param:
+        return owner, "bias", kind
+    return None
+
+
+def _untrained_bias(t: Tensor, own, what: str) -> None:
+    """A tensor of the file that no leaf holds: it must equal the model's own value, bit for bit."""
+    same = isinstance(own, Tensor) and not own.is_meta and own.shape == t.shape
+    if not (same and torch.equal(t.to(own.dtype).cpu(), own.detach().cpu())):
+        raise ValueError(
+            f"{what} {tuple(t.shape)} that differs from the model's, which no lite_fn leaf holds there: full copies "
+            f"(modules_to_save, bias='all') hold the weights and biases of layers lite_fn adapts ({_layers.KIND_NAMES}) "
+            f"and 2-D / 3-D parameters (not 1-D ones such as a norm's bias), and an adapted layer's own bias is held by "
+            f"LoRA only (its bias leaf); load it with peft, or train without it"
+        )
+
+
+def _read_aside(
+    tensors: dict[str, Tensor], cfg: _FileConfig, model: nn.Module, file: str, targets: list[str]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """Takes the full copies (modules_to_save) and trained biases out of ``tensors``: ({lite_fn path: {role: tensor}},
+    {adapted layer path: its trained bias})."""
+    prefix, bias = _files.PREFIX, cfg.get("bias", "none")
+    roles: dict[str, dict[str, Tensor]] = {}
+
+    def hold(key: str, t: Tensor, own, what: str) -> None:
+        found = _holder(model, key)
+        if found is None:
+            owner = type(model.get_submodule(key.rpartition(".")[0])).__name__
+            _untrained_bias(t, own, f"{file!r}: {what} {key!r} (of a {owner}) is a tensor")
+            return
+        path, role, kind = found
+        roles.setdefault(path, {})[role] = kind.dense(t) if role == "weight" else t
+
+    for m in _matcher.save_paths(cfg.fields, model, cfg.where):
+        inside = [p for p in targets if p == m or p.startswith(m + ".")]
+        if inside:
+            raise ValueError(
+                f"{cfg.where}: modules_to_save keeps a full copy of {m!r}, but the config also adapts {inside[:3]} in it; "
+                f"one layer holds one lite_fn variant (peft itself never adapts a module inside its copies)"
+            )
+        for k, own in model.get_submodule(m).state_dict(keep_vars=True).items():
+            key = f"{prefix}{m}.{k}"
+            if key not in tensors:
+                raise ValueError(
+                    f"{file!r} lacks {key!r}: peft's modules_to_save copy of {m!r} holds its whole state_dict; the files "
+                    f"do not belong together (or {type(model).__name__} is not the model the adapter was trained for)"
+                )
+            t = tensors.pop(key)
+            hold(f"{m}.{k}", t, own, "the modules_to_save copy")
+            if bias != "none":  # bias="all" also saved the copy's own biases inside peft's wrapper: the same values,
+                tensors.pop(f"{prefix}{m}.original_module.{k}", None)  # and the original's (unused while it is on)
+                twin = tensors.pop(f"{prefix}{m}.modules_to_save.{k}", None)
+                if twin is not None and not torch.equal(twin, t):
+                    raise ValueError(f"{file!r}: {key!r} and its copy inside peft's wrapper differ; the file is inconsistent")
+    base: dict[str, Tensor] = {}
+    if bias != "none":
+        adapted = set(targets)
+        for key in [k for k in tensors if k.startswith(prefix) and k.endswith(".bias")]:
+            q = key[len(prefix) : -len(".bias")]
+            if q.endswith(".base_layer") and q[: -len(".base_layer")] in adapted:
+                base[q[: -len(".base_layer")]] = tensors.pop(key)
+                continue
+            if bias != "all" or not q or q in adapted:
+                continue  # not peft's: the generic key check names it
+            try:
+                module = model.get_submodule(q)
+            except AttributeError:
+                continue
+            hold(f"{q}.bias", tensors.pop(key), getattr(module, "bias", None), "the trained bias")
+    return roles, base
+
+
+def _aside_params(roles: dict[str, dict[str, Tensor]], cfg: _FileConfig, model: nn.Module, params: dict) -> dict:
+    """The full copies' params: each path as the variant written beside any type, its leaves in the weight's dtype."""
+    if not roles:
+        return {}
+    found = _aside()
+    if found is None:  # pragma: no cover - the library's own full copy is registered
+        raise ValueError(f"{cfg.where} holds full copies of {sorted(roles)[:3]}, but no registered variant holds them")
+    name, codec = found
+    out = {}
+    for path, tensors in roles.items():
+        module, kind = _plan.resolve(model, path)
+        if path in params or kind.name not in codec.format.kinds:
+            why = "it is adapted too" if path in params else f"lite_fn copies {sorted(codec.format.kinds)} only"
+            raise ValueError(f"{cfg.where}: a full copy of {path!r} ({kind.name}) cannot load: {why}")
+        W = _layers.values(_layers.weight_view(module, kind))
+        assert codec.read is not None  # the full copy's codec reads
+        leaves = codec.read(cfg, _layer(path, module, kind, W, tensors))
+        out[path] = {name: {k: _leaf(v, W) for k, v in leaves.items()}}
+    return out
+
+
+def _write_aside(
+    aside: list[tuple[str, PeftCodec, dict, PeftLayer]],
+    adapted: list[PeftLayer],
+    model: nn.Module,
+    fmt: PeftFormat,
+    cfg: dict,
+    tensors: dict[str, Tensor],
+) -> None:
+    """The full copies beside the adapter: modules_to_save copies of their modules (a parameter's: its module's), and
+    a layer's trained bias alone as bias="all" (where the type's config has the field and the layer's bias is peft's
+    ``<module>.bias``); sets cfg's modules_to_save and bias and adds the tensors."""
+    if not aside:
+        return
+    entries = []  # (path, kind, is a parameter path, roles)
+    for name, codec, leaves, layer in aside:
+        _, kind = _plan.resolve(model, layer.path)
+        if layer.kind not in codec.format.kinds:
+            raise ValueError(
+                f"save_peft: {layer.path!r} holds a full copy ({name}) of a {layer.kind} layer; peft's modules_to_save "
+                f"copies of it are written for {sorted(codec.format.kinds)} only"
+            )
+        roles, _ = codec.write(leaves, layer)
+        entries.append((layer.path, kind, kind is _layers.raw_kind(kind.param), roles))
+    alone = {p for p, kind, raw, roles in entries if set(roles) == {"bias"} and kind.bias_param == "bias" and not raw}
+    if "bias" not in fmt.fields:
+        alone = set()
+    mods = sorted({p.rpartition(".")[0] if raw else p for p, kind, raw, roles in entries if p not in alone})
+    mods = [m for m in mods if not any(m.startswith(q + ".") for q in mods)]
+
+    def home(p: str) -> str | None:
+        return next((m for m in mods if p == m or p.startswith(m + ".")), None)
+
+    inside = [layer.path for layer in adapted if home(layer.path) is not None]
+    if inside:
+        raise ValueError(
+            f"save_peft: {inside[:3]} are adapted ({fmt.peft_type}) inside {home(inside[0])!r}, which holds a full copy "
+            f"(peft's modules_to_save copies the whole module and adapts nothing in it); save them apart"
+        )
+    states = {m: {k: v.detach() for k, v in model.get_submodule(m).state_dict(keep_vars=True).items()} for m in mods}
+    for p, kind, raw, roles in entries:
+        m = home(p)
+        if m is None:  # a trained bias alone
+            tensors[f"{_files.PREFIX}{p}.bias"] = _stored(roles["bias"])
+            cfg["bias"] = "all"
+            continue
+        rel = p[len(m) + 1 :]
+        names = {"weight": "" if raw else kind.param, "bias": None if raw else kind.bias_param}
+        for role, t in roles.items():
+            own = None if names[role] is None else states[m].get(".".join(filter(None, (rel, names[role]))))
+            if own is None:
+                raise ValueError(f"save_peft: {p!r} has a {role!r} leaf, but its module has no {role} to copy")
+            states[m][".".join(filter(None, (rel, names[role])))] = kind.store(t, own) if role == "weight" else t
+    for m, state in states.items():
+        for k, t in state.items():
+            tensors[f"{_files.PREFIX}{m}.{k}"] = _stored(t)
+    if mods:
+        cfg["modules_to_save"] = mods
+        got = _matcher.save_paths(cfg, model, "save_peft")
+        if got != [m for m in got if m in mods] or sorted(got) != mods:
+            raise ValueError(
+                f"save_peft: peft's modules_to_save matches module names by suffix (no dot), so {mods[:4]} would also "
+                f"copy {sorted(set(got) - set(mods))[:4]}; give those a full copy too, or none of the ones they end like"
+            )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -329,6 +561,8 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         raise ValueError("save_peft: params must be a non-empty dict returned by lf.init / lf.load / lf.load_peft")
     io.check_against(model, params, source="save_peft params")
     layers: list[tuple[str, PeftCodec, dict, PeftLayer]] = []  # (variant, codec, leaves, layer)
+    aside: list[tuple[str, PeftCodec, dict, PeftLayer]] = []  # the same, of variants written beside any type
+    raw_paths: list[str] = []
     stacked, groups = [], {}
     for path, by_variant in params.items():
         ((name, leaves),) = by_variant.items()
@@ -341,7 +575,12 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             stacked.append(path)
         if spec.PEFT is None:
             raise ValueError(f"save_peft: variant {name!r} at {path!r} has no peft form (its file defines no PEFT codec)")
+        if not spec.PEFT.format.peft_type:  # no type of its own (full copies): written beside the adapter
+            aside.append((name, spec.PEFT, leaves, _layer(path, module, lk, W, {})))
+            continue
         layers.append((name, spec.PEFT, leaves, _layer(path, module, lk, W, {})))
+        if lk is _layers.raw_kind(lk.param):  # a raw parameter: peft's target_parameters
+            raw_paths.append(path)
         groups.setdefault((spec.PEFT.format.peft_type, spec.PEFT.label), []).append((name, path))
     if stacked:
         raise ValueError(
@@ -355,6 +594,11 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             f"save_peft: these params mix variants that one peft adapter cannot hold together — {desc}. "
             f"Save each group to its own directory (e.g. {{p: v for p, v in params.items() if "
             f"next(iter(v)) == 'ia3'}})"
+        )
+    if not layers:
+        raise ValueError(
+            f"save_peft: params hold only full copies ({[layer.path for *_, layer in aside][:4]}); a peft adapter "
+            f"needs at least one layer adapted by a peft type (e.g. LoRA) beside its modules_to_save"
         )
     fmt = layers[0][1].format
     odd = [(layer.path, layer.kind) for *_, layer in layers if layer.kind not in fmt.kinds]
@@ -370,10 +614,11 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             raise ValueError(f"save_peft: {why}, but {hit[:3]} are {kind} layers; peft could not load this adapter")
     tensors: dict[str, Tensor] = {}
     facts = []
+    depths = _matcher.wrapper_depths(raw_paths, model)  # peft's nested ParamWrappers: the keys' base_layer prefixes
     for _, codec, leaves, layer in layers:
         written, fact = codec.write(leaves, layer)
         for suffix, t in written.items():
-            tensors[f"{_files.PREFIX}{layer.path}.{suffix}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            tensors[f"{_files.PREFIX}{_stem(layer.path, depths)}.{suffix}"] = _stored(t)
         facts.append(fact)
     written_layers = [layer for *_, layer in layers]
     paths = [layer.path for layer in written_layers]
@@ -390,8 +635,11 @@ def _export(params: dict, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     }
     for name, t in fmt.shared_tensors(written_layers, facts).items():  # after fmt.config: it refuses first
         tensors[f"{_MODEL_PREFIX}{name}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-    cfg["target_modules"] = _matcher.target_spec(paths, model, cfg)
-    got = _matcher.target_paths(cfg, model, "save_peft")
+    _write_aside(aside, [layer for *_, layer in layers], model, fmt, cfg, tensors)
+    cfg["target_modules"] = _matcher.target_spec([p for p in paths if p not in depths], model, cfg)
+    if depths:
+        cfg["target_parameters"] = _matcher.parameter_spec(list(depths), model)
+    got = _matcher.target_paths(cfg, model, "save_peft") + _matcher.parameter_paths(cfg, model, "save_peft")
     if sorted(got) != sorted(paths):  # never write a config that targets other modules than the tensors
         raise AssertionError(
             f"save_peft: target_modules {cfg['target_modules']!r} selects {got}, not {paths}"
@@ -409,7 +657,9 @@ def save_peft(path, params: dict, *, model: nn.Module) -> None:
             README.md); anything else in it is never deleted (an error names it).
         params: one adapter (not stacked) of variants peft can hold together, as each variant's codec
             writes it: LoRA / rsLoRA / EVA / PiSSA / AntiPaSTO (written as LoRA), DoRA, IA3 + IA3-FF,
-            HRA, DeLoRA, RoAd, OFT, BOFT, LoHa, LoKr or VeRA.
+            HRA, DeLoRA, RoAd, OFT, BOFT, LoHa, LoKr or VeRA (LoRA also on raw parameters, as
+            ``target_parameters``), with any number of full copies (``lf.FullConfig``: written as
+            ``modules_to_save`` of their modules, a bias alone as ``bias="all"``).
         model: the base model; checks the params, gives ``fan_in_fan_out`` (Conv1D) and
             ``base_model_name_or_path``.
 

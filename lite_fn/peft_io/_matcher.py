@@ -3,7 +3,9 @@
 One job: from a config read from JSON (``target_modules`` as a list, a regex string or
 ``"all-linear"``; ``exclude_modules``; ``layers_to_transform`` / ``layers_pattern``;
 ``modules_to_save``) to the module paths peft adapts, and back (``target_spec``: a
-``target_modules`` value that selects exactly given paths); ``rank_pattern`` / ``alpha_pattern``
+``target_modules`` value that selects exactly given paths); ``target_parameters`` (raw parameters, e.g. MoE
+experts) to parameter paths and the nesting of peft's wrappers, and back (``parameter_spec``);
+``modules_to_save`` to the modules peft keeps full copies of (``save_paths``); ``rank_pattern`` / ``alpha_pattern``
 keys as peft's ``get_pattern_key`` resolves them (taken from peft 0.21's tuners_utils.py and tested
 against it).
 """
@@ -78,6 +80,8 @@ def _targeted(cfg: Mapping, targets, key: str) -> bool:
 def target_paths(cfg: Mapping, model: nn.Module, where: str) -> list[str]:
     """The module paths of ``model`` that peft adapts under ``cfg``, in model order."""
     targets = cfg.get("target_modules")
+    if targets is None and cfg.get("target_parameters"):  # peft: raw parameters only (no module targets)
+        return []
     if targets is None:
         raise ValueError(
             f"{where}: target_modules is null; lite_fn does not guess peft's per-architecture defaults — "
@@ -93,6 +97,87 @@ def target_paths(cfg: Mapping, model: nn.Module, where: str) -> list[str]:
         raise ValueError(
             f"{where}: a regex in target_modules / exclude_modules / layers_pattern / modules_to_save does not compile: {e}"
         ) from None
+
+
+def parameter_paths(cfg: Mapping, model: nn.Module, where: str) -> list[str]:
+    """The parameter paths of ``model`` that peft's ``target_parameters`` selects (tuners_utils' _inject_parameters),
+    in model order: a module's own parameter whose path is a listed name or ends with ``"." + name``
+    (``"mlp.experts.gate_up_proj"`` selects every layer's)."""
+    names = cfg.get("target_parameters")
+    if not names:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"{where}: target_parameters={names!r} must be a list of parameter names (e.g. ['mlp.experts.down_proj'])"
+        )
+    out = []
+    for mpath, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            key = f"{mpath}.{pname}"
+            if key in names or any(key.endswith(f".{t}") for t in names):
+                if not mpath:  # peft refuses these too (wrapping the top-level module would make it its own child)
+                    raise ValueError(
+                        f"{where}: target_parameters={names!r} selects {pname!r}, a parameter of the top-level "
+                        f"{type(model).__name__}, which peft cannot target"
+                    )
+                out.append(key)
+    return out
+
+
+def wrapper_depths(paths: list[str], model: nn.Module) -> dict[str, int]:
+    """For each targeted parameter path, how many of peft's ParamWrappers sit above its own, i.e. how many
+    ``base_layer.`` its tensors' keys hold after the module path: peft wraps a module's targeted parameters in the
+    order the module registered them, each wrapper around the previous one, so the first is innermost."""
+    by_owner: dict[str, set[str]] = {}
+    for p in paths:
+        owner, _, name = p.rpartition(".")
+        by_owner.setdefault(owner, set()).add(name)
+    out = {}
+    for owner, names in by_owner.items():
+        order = [n for n, _ in model.get_submodule(owner).named_parameters(recurse=False) if n in names]
+        out.update({f"{owner}.{n}": len(order) - 1 - i for i, n in enumerate(order)})
+    return out
+
+
+def parameter_spec(paths: list[str], model: nn.Module) -> list[str]:
+    """target_parameters naming exactly ``paths`` (their full paths), or a ValueError when peft's suffix matching
+    would select other parameters too."""
+    spec = sorted(paths)
+    got = parameter_paths({"target_parameters": spec}, model, "save_peft")
+    if sorted(got) != spec:
+        raise ValueError(
+            f"save_peft: peft's target_parameters matches names by suffix, so the paths {spec[:4]} also select "
+            f"{sorted(set(got) - set(spec))[:4]}; adapt those parameters too, or none of the ones they end like"
+        )
+    return spec
+
+
+def save_paths(cfg: Mapping, model: nn.Module, where: str) -> list[str]:
+    """The module paths of ``model`` whose full copies peft's ``modules_to_save`` keeps (other.py's _set_trainable:
+    a plain ``endswith`` on the model's module names, no dot), in model order; a ValueError where peft's copies would
+    not be one module each (nested or shared matches)."""
+    names = cfg.get("modules_to_save")
+    if not names:
+        return []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{where}: modules_to_save={names!r} must be a list of module names (e.g. ['classifier'])")
+    hit = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if p and any(p.endswith(n) for n in names)]
+    paths = [p for p, _ in hit]
+    for p, m in hit:
+        outer = next((q for q in paths if p.startswith(q + ".")), None)
+        if outer is not None:
+            raise ValueError(
+                f"{where}: modules_to_save={names!r} selects both {outer!r} and {p!r} inside it; peft's copy of "
+                f"{outer!r} already holds {p!r} — name only the outer module"
+            )
+        twin = next((q for q, n in hit if n is m and q != p), None)
+        if twin is not None:
+            raise ValueError(
+                f"{where}: modules_to_save={names!r} selects one module under two names ({twin!r}, {p!r}), which "
+                f"lite_fn cannot copy once for both"
+            )
+    return paths
 
 
 def target_spec(paths: list[str], model: nn.Module, cfg: Mapping) -> list[str] | str:

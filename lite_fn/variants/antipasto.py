@@ -59,6 +59,7 @@ __all__ = [
     "Stat",
     "apply",
     "init",
+    "merged",
     "pad",
     "prepare",
     "shapes",
@@ -274,6 +275,13 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     # token a LoRA's two rank-r GEMMs plus one r × r product; U is shared by every alpha of a sweep
     M = params["M"] if "M" in params else _mixing(params, h.dtype)
     return linalg.linear_add(x, W, b, torch.matmul(h, M), params["U"])
+
+
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W + U (V M)ᵀ, b): apply's x Wᵀ + b + (x V M) Uᵀ as one dense weight, with apply's mixing M (the
+    prepared leaf when present); exactly W at α = 0 (M = 0). The bias passes through."""
+    M = params["M"] if "M" in params else _mixing(params, W.dtype)
+    return W + params["U"] @ (params["V"] @ M).mT, b
 
 
 _FULL_WIDTH = ("U", "V")  # the leaves M does not depend on; every other leaf is r-sized

@@ -25,8 +25,15 @@ Not here: peft's boft_dropout (training only: in train mode it resets a random s
 factor's blocks to the identity) — a non-zero dropout is refused, and ignored when loading peft files.
 peft without its CUDA extension (fbd_cuda) silently trains m = 1 whatever n_butterfly_factor says,
 and cannot load an adapter with m > 1; lite_fn computes any m on any device, and loads such a
-one-factor file as the one factor it holds. peft also adapts Conv2d with BOFT; lite_fn adapts linear
-layers only (nn.Linear and the bitsandbytes layers: apply's base product is F.linear on the rotated x).
+one-factor file as the one factor it holds.
+
+Merged (``merged``: what a layer adapted by weight substitution computes with, and lf.merge): W' = diag(s) W Mᵀ,
+b' = b (peft's merge: W ← (M Wᵀ)ᵀ ⊙ s), M's factors applied to W's rows in reverse order with transposed blocks
+(x M_iᵀ = blockrot(x[π_i⁻¹], Q_iᵀ)[π_i]), never a d_in × d_in matrix.
+Convolutions: the flattened kernel (out, in·k·k) is W, as peft's BOFT on nn.Conv2d (boft_R over in·k·k, boft_s of
+shape (1, out)). peft's file form is read and written for the nn.Conv2d layers whose forward peft computes as
+lite_fn does (square kernel, groups=1, dilation 1, zero padding, equal stride and padding on both axes: peft's
+forward calls F.conv2d(x, W', b, stride[0], padding[0]) itself).
 """
 
 from __future__ import annotations
@@ -40,10 +47,10 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter, never_random
-from . import _padding
+from . import _padding, _peft_conv
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "PEFT", "TRAINABLE", "BOFTConfig", "Config", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "BOFTConfig", "Config", "apply", "init", "merged", "pad", "random_init", "shapes"]
 NAME = "boft"
 TRAINABLE = frozenset({"R", "s"})  # leaves an optimizer updates
 
@@ -199,18 +206,20 @@ def _butterfly(d_in: int, D: int, H: int, i: int, device: torch.device) -> Tenso
     return idx.reshape(D // 2**i, 2**i, 2, H // 2).transpose(1, 2).reshape(d_in)
 
 
-def gathers(d_in: int, m: int, D: int, H: int, device: torch.device) -> tuple[Tensor | None, ...]:
+def gathers(d_in: int, m: int, D: int, H: int, device: torch.device, transposed: bool = False) -> tuple[Tensor | None, ...]:
     """The m + 1 index gathers of x · M_{m−1} ⋯ M_0 (``None``: the identity, skipped).
 
     x M_i = (blockrot(x[π_i⁻¹], Q_i))[π_i], so working in each factor's own order: gather π_{m−1}⁻¹, rotate by
     factor m−1, gather π_{i+1}[π_i⁻¹] (two gathers as one), rotate by factor i, …, rotate by factor 0, gather
-    π_0 (the identity). One factor (plain OFT) gathers nothing."""
+    π_0 (the identity). One factor (plain OFT) gathers nothing. ``transposed``: those of x · M_0ᵀ ⋯ M_{m−1}ᵀ
+    (x M_iᵀ = blockrot(x[π_i⁻¹], Q_iᵀ)[π_i]): gather π_0⁻¹ (the identity), rotate by factor 0, gather π_i[π_{i+1}⁻¹],
+    rotate by factor i + 1, …, gather π_{m−1}."""
     build = _gathers.__wrapped__ if torch.compiler.is_compiling() else _gathers  # compile: traced, no cache
-    return build(d_in, m, D, H, device)
+    return build(d_in, m, D, H, device, transposed)
 
 
 @functools.lru_cache(maxsize=256)
-def _gathers(d_in: int, m: int, D: int, H: int, device: torch.device) -> tuple[Tensor | None, ...]:
+def _gathers(d_in: int, m: int, D: int, H: int, device: torch.device, transposed: bool) -> tuple[Tensor | None, ...]:
     """Built once per layout and device, outside any inference mode (an inference tensor could not be
     saved for a later backward)."""
     if m == 1:
@@ -218,6 +227,8 @@ def _gathers(d_in: int, m: int, D: int, H: int, device: torch.device) -> tuple[T
     with torch.inference_mode(False), torch.no_grad():
         perms = [_butterfly(d_in, D, H, i, device) for i in range(m)]
         inv = [torch.argsort(p) for p in perms]
+        if transposed:
+            return (None, *(perms[i][inv[i + 1]] for i in range(m - 1)), perms[m - 1])
         return (inv[m - 1], *(perms[i + 1][inv[i]] for i in reversed(range(m - 1))), None)
 
 
@@ -245,6 +256,20 @@ def rotate(x: Tensor, R: Tensor) -> Tensor:
     return u if last is None else torch.index_select(u, -1, last)
 
 
+def rotate_transposed(x: Tensor, R: Tensor) -> Tensor:
+    """x · M_0ᵀ M_1ᵀ ⋯ M_{m−1}ᵀ = x · (M_{m−1} ⋯ M_0)ᵀ for x (..., d_in) and R (m, D, H, H): the rows of W Mᵀ."""
+    m, D, H = R.shape[0], R.shape[1], R.shape[2]
+    K = rotation_step(R, x.dtype).mT  # (m, D, H, H)  Qᵀ − I
+    steps = gathers(D * H, m, D, H, x.device, transposed=True)
+    u = x
+    for i, g in zip(range(m), steps):  # factor 0 acts first
+        if g is not None:
+            u = torch.index_select(u, -1, g)
+        u = u + linalg.block_rotate(u, K[i])
+    last = steps[m]
+    return u if last is None else torch.index_select(u, -1, last)
+
+
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "boft.apply")
     R, s = params["R"], params["s"]
@@ -256,9 +281,18 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     return torch.addcmul(y, y if b is None else y - b, s - 1.0)
 
 
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(diag(s) W Mᵀ, b): the dense layer ``apply`` computes (peft's merge), from W's rows."""
+    R, s = params["R"], params["s"]
+    why = _layout_error(tuple(R.shape), W.shape[-1])
+    if why is not None:
+        raise ValueError(f"boft.merged: {why} (W has shape {tuple(W.shape)}); init the params from this W")
+    return rotate_transposed(W, R) * s[:, None], b
+
+
 # ----------------------------------------------------------------------------- peft: the BOFT type
-# boft_R (m, D, H, H) and boft_s (d_out, 1) per targeted module (peft's boft_P is a non-persistent buffer,
-# rebuilt from the sizes). peft's BOFT has one boft_block_size or one boft_block_num, and one
+# boft_R (m, D, H, H) and boft_s (d_out, 1) per targeted module, (1, d_out) on an nn.Conv2d (peft's boft_P is a
+# non-persistent buffer, rebuilt from the sizes). peft's BOFT has one boft_block_size or one boft_block_num, and one
 # boft_n_butterfly_factor, for the whole adapter; each layer resolves the other size from its d_in.
 _TENSORS = ("boft_R", "boft_s")
 
@@ -290,6 +324,7 @@ def _check(cfg: PeftConfig) -> None:
 
 
 def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    _peft_conv.check_plain_conv2d(layer, cfg.where, "BOFT")
     R, s = layer.tensors["boft_R"], layer.tensors["boft_s"]
     d_out, d_in = layer.W.shape
     # peft without its CUDA extension trains and saves one factor whatever boft_n_butterfly_factor says
@@ -303,14 +338,16 @@ def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
             f"{cfg.file!r}: {layer.path}.boft_R has shape {tuple(R.shape)}, but {cfg.where} gives "
             f"{(m, D, H, H)} (n_butterfly_factor, block_num, block_size, block_size) for d_in={d_in}"
         )
-    if s.numel() != d_out:
-        raise ValueError(f"{cfg.file!r}: {layer.path}.boft_s has shape {tuple(s.shape)}, expected ({d_out}, 1)")
+    want = (1, d_out) if layer.kind == "Conv" else (d_out, 1)  # peft's Conv2d keeps boft_s as a row
+    if tuple(s.shape) != want:
+        raise ValueError(f"{cfg.file!r}: {layer.path}.boft_s has shape {tuple(s.shape)}, expected {want}")
     return {"R": R, "s": s.reshape(d_out)}
 
 
 def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
-    R = leaves["R"].detach()
-    tensors = {"boft_R": R, "boft_s": leaves["s"].detach().reshape(-1, 1)}
+    _peft_conv.check_plain_conv2d(layer, "save_peft", "BOFT")
+    R, s = leaves["R"].detach(), leaves["s"].detach()
+    tensors = {"boft_R": R, "boft_s": s.reshape(1, -1) if layer.kind == "Conv" else s.reshape(-1, 1)}
     return tensors, {"m": R.shape[0], "D": R.shape[1], "H": R.shape[2]}
 
 
@@ -361,9 +398,10 @@ PEFT_BOFT = PeftFormat(
         }
     ),
     # the initial values the file overrides; dropout (training only); fan_in_fan_out (peft resets it to
-    # False for nn.Linear, the only layer kind both adapt)
+    # False for nn.Linear; its Conv2d does not read it)
     ignores=frozenset({"init_weights", "boft_dropout", "fan_in_fan_out"}),
     refuses_kinds={"Conv1D": "peft's BOFT adapts torch.nn.Linear and Conv2d only"},
+    kinds=frozenset({"nn.Linear", "Conv1D", "Conv", "bitsandbytes Linear4bit", "bitsandbytes Linear8bitLt"}),
     check=_check,
     config=_peft_config,
 )

@@ -38,6 +38,7 @@ __all__ = [
     "DeLoRAConfig",
     "apply",
     "init",
+    "merged",
     "pad",
     "shapes",
 ]  # the variant contract; other names are shared helpers
@@ -95,14 +96,24 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     return out
 
 
-def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
-    _checks.check_input(x, W, "delora.apply")
-    A, B, lam = params["A"], params["B"], params["lam"]
+def _gains(params: dict[str, Tensor]) -> Tensor:
+    """(λ/r) / (max(‖A_i‖, 1e-4) · max(‖B_{:,i}‖, 1e-4)) per rank component i, (r,); not detached (as peft)."""
+    A, B = params["A"], params["B"]
     A_norm = linalg.row_norm(A).clamp_min(1e-4)  # (r,)  ‖A_i‖
     B_norm = linalg.col_norm(B).clamp_min(1e-4)  # (r,)  ‖B_{:,i}‖
+    return (params["lam"] / A.shape[-2]) / (A_norm * B_norm)
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "delora.apply")
     # (x ⊙ ‖W‖_col) Aᵀ computed as x (A ⊙ ‖W‖_col)ᵀ: the scaling touches r × d_in numbers, not every token
-    h = torch.nn.functional.linear(x, A * params["wnorm"]) * ((lam / A.shape[-2]) / (A_norm * B_norm))
-    return linalg.linear_add(x, W, b, h, B)
+    h = torch.nn.functional.linear(x, params["A"] * params["wnorm"]) * _gains(params)
+    return linalg.linear_add(x, W, b, h, params["B"])
+
+
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W + B diag(g) (A ⊙ w), b), g = ``_gains``: apply's layer as one dense weight (the bias passes through)."""
+    return W + (params["B"] * _gains(params)) @ (params["A"] * params["wnorm"]), b
 
 
 # ----------------------------------------------------------------------------- peft: the DELORA type

@@ -34,7 +34,18 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 from .._contract import PeftCodec, PeftConfig, PeftLayer
 from . import _padding
-from .lora import PEFT_LORA, LoRAConfig, delta, dropped, factor_shapes, init_factors, linear_delta, peft_factors, peft_lowrank
+from .lora import (
+    PEFT_LORA,
+    LoRAConfig,
+    delta,
+    dropped,
+    factor_names,
+    factor_shapes,
+    init_factors,
+    linear_delta,
+    peft_factors,
+    peft_lowrank,
+)
 
 __all__ = [
     "NAME",
@@ -44,6 +55,7 @@ __all__ = [
     "DoRAConfig",
     "apply",
     "init",
+    "merged",
     "pad",
     "shapes",
 ]  # the variant contract; other names are shared helpers
@@ -121,25 +133,49 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     return y if b is None else y + b
 
 
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """((m / n) ⊙_row (W + s·BA), b): the dense layer ``apply`` computes, with the same detached norm n and the bias
+    passed through unscaled (peft's DoRA merge: dora_factor · (W + ΔW)). O(r·d_out·d_in); exactly W at init
+    (B = 0 and m = n)."""
+    n = weight_norm(W, params["A"], params["B"], params["scale"])  # (d_out,), no gradient
+    return (params["m"] / n)[:, None] * (W + params["scale"] * (params["B"] @ params["A"])), b
+
+
 # ----------------------------------------------------------------------------- peft: LORA with use_dora
-# lora_A.weight, lora_B.weight as LoRA, and lora_magnitude_vector (d_out,) = m.
-_DORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+# LoRA's factors (lora_A.weight / lora_B.weight, or lora_embedding_A / _B on an embedding; conv-shaped on a conv) and
+# lora_magnitude_vector = m: (d_out,), or (1, out, 1, …) on a conv (peft's _DoraConvNdLayer keeps the norm's keepdim
+# shape; its norm over dims (1, 2, …) of W + s·ΔW per output channel is lite_fn's row norm of the (out, in·∏k) view).
+
+
+def _peft_tensors(cfg: PeftConfig, layer: PeftLayer) -> tuple[str, ...]:
+    return (*factor_names(layer), "lora_magnitude_vector")
 
 
 def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
-    return {**peft_factors(cfg, layer), "m": layer.tensors["lora_magnitude_vector"]}
+    leaves = peft_factors(cfg, layer)
+    m, d_out = layer.tensors["lora_magnitude_vector"], leaves["B"].shape[0]
+    want = (1, d_out, *(1,) * (len(layer.stored) - 2)) if layer.kind == "Conv" else (d_out,)
+    if tuple(m.shape) != want:
+        raise ValueError(
+            f"{cfg.file!r}: {layer.path}.lora_magnitude_vector has shape {tuple(m.shape)}; peft's DoRA on this "
+            f"{layer.kind} layer stores it as {want}"
+        )
+    return {**leaves, "m": m.reshape(d_out)}
 
 
 def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
-    tensors, facts = peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer.path, use_dora=True)
-    return {**tensors, "lora_magnitude_vector": leaves["m"].detach()}, facts
+    tensors, facts = peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer, use_dora=True)
+    m = leaves["m"].detach()
+    if layer.kind == "Conv":
+        m = m.reshape(1, -1, *(1,) * (len(layer.stored) - 2))
+    return {**tensors, "lora_magnitude_vector": m}, facts
 
 
 PEFT = PeftCodec(
     format=PEFT_LORA,
     group="LORA (use_dora)",  # one peft LoRA file is DoRA on all its layers or on none
     claims=lambda cfg, path: bool(cfg.get("use_dora")),
-    tensors=lambda cfg, layer: _DORA_TENSORS,
+    tensors=_peft_tensors,
     read=_peft_read,
     write=_peft_write,
 )

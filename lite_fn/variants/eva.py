@@ -62,6 +62,7 @@ __all__ = [
     "apply",
     "apply_runs",
     "init",
+    "merged",
     "pad",
     "plan",
     "random_init",
@@ -71,6 +72,7 @@ __all__ = [
 NAME = "eva"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 apply_runs = lora.apply_runs  # the same leaves and product as LoRA
+merged = lora.merged  # and the same dense layer: (W + s·BA, b)
 MERGE = _arithmetic.LOWRANK  # adapter arithmetic (merge_adapters): LoRA's, the same leaves
 
 random_init = never_random  # init draws no random numbers

@@ -27,6 +27,13 @@ loop. Linearly dependent vectors give NaN here; peft divides 0 by 0 there (NaN o
 rounding). peft's paired init is such a case (every second vector orthogonalises to 0), and R is never the
 identity (it reflects r directions): there is no identity init, so apply_GS needs init_weights=False (peft's
 random init), and a peft file's vectors are checked at load.
+
+Merged (``merged``: what a layer adapted by weight substitution computes with, and lf.merge): W' = W R, b' = b, the
+reflections applied to W's rows (the chain in reverse order: w H_0 ⋯ H_{r−1}), never a d_in × d_in matrix.
+Convolutions: the flattened kernel (out, in·k·k) is W, as peft's HRA on nn.Conv2d (hra_u (in·k·k, r)). peft's file
+form is read and written for the nn.Conv2d layers whose forward peft computes as lite_fn does: square kernels,
+groups=1 (peft refuses groups > 1), equal stride and padding along both axes, given as numbers, dilation 1 and
+zero padding (peft's forward calls F.conv2d(x, W R, b, stride[0], padding[0]), dropping the rest).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from torch import Tensor
 
 from .. import _checks, _keys, linalg
 from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
-from . import _padding
+from . import _padding, _peft_conv
 
 __all__ = [
     "NAME",
@@ -50,6 +57,7 @@ __all__ = [
     "HRAConfig",
     "apply",
     "init",
+    "merged",
     "pad",
     "shapes",
 ]  # the variant contract; other names are shared helpers
@@ -154,10 +162,19 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     return torch.nn.functional.linear(linalg.householder_chain(x, params["U"]), W, b)  # x Rᵀ Wᵀ + b
 
 
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W R, b): the dense layer ``apply`` computes (peft's merge: new_weight = W @ R), from W's rows."""
+    if "U_gs" in params:
+        return gram_schmidt_reflect(W, params["U_gs"]), b  # w (I − 2QQᵀ) per row
+    # householder_chain(w, U) = w H_{r−1} ⋯ H_0; with the vectors reversed, w H_0 ⋯ H_{r−1} = w R
+    return linalg.householder_chain(W, params["U"].flip(0)), b
+
+
 # ----------------------------------------------------------------------------- peft: the HRA type
 # One tensor per targeted module, hra_u (d_in, r): the Householder vectors as columns (U = hra_uᵀ; U_gs with
-# apply_GS). peft's HRA has one r and one apply_GS for the whole adapter (no rank_pattern).
-_LINEAR_ONLY = "peft's HRA adapts torch.nn.Linear only"
+# apply_GS); on an nn.Conv2d (in·k·k, r), the flattened kernel's inputs. peft's HRA has one r and one apply_GS for the
+# whole adapter (no rank_pattern).
+_LINEAR_ONLY = "peft's HRA adapts torch.nn.Linear only of the linear layer types (and nn.Conv2d), not transformers' Conv1D"
 _DEPENDENT = 1e-6  # sin of the angle between a vector and the span of the earlier ones, below which GS is ~0/0
 
 
@@ -194,6 +211,7 @@ def _peft_check(cfg: PeftConfig) -> None:
 
 
 def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    _peft_conv.check_plain_conv2d(layer, cfg.where, "HRA")
     u = layer.tensors["hra_u"]
     if u.ndim != 2:
         raise ValueError(f"{cfg.file!r}: {layer.path}.hra_u has shape {tuple(u.shape)}, expected (d_in, r)")
@@ -205,6 +223,7 @@ def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
 
 
 def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
+    _peft_conv.check_plain_conv2d(layer, "save_peft", "HRA")
     name = _vectors(leaves)
     return {"hra_u": leaves[name].detach().T}, {"r": leaves[name].shape[0], "apply_GS": name == "U_gs"}
 
@@ -240,6 +259,7 @@ PEFT_HRA = PeftFormat(
     fields=frozenset({"r", "apply_GS", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "bias"}),
     ignores=frozenset({"init_weights"}),  # the file overrides the initial values
     refuses_kinds={"Conv1D": _LINEAR_ONLY},
+    kinds=frozenset({"nn.Linear", "Conv1D", "Conv", "bitsandbytes Linear4bit", "bitsandbytes Linear8bitLt"}),
     check=_peft_check,
     config=_peft_config,
 )

@@ -266,6 +266,7 @@ def _peft_check(cfg: PeftConfig) -> str:
     """``peft_init``, after refusing lora_bias where peft's LoraConfig refuses it (with DoRA; with an init other
     than true / false: the residual inits' codec and lite_fn's DoRA have no bias leaf)."""
     lora_bias, where = cfg.get("lora_bias", False), cfg.where
+    _check_parameters(cfg)
     if not isinstance(lora_bias, bool):
         raise ValueError(f"{where} sets lora_bias={lora_bias!r}; expected true or false")
     if lora_bias and cfg.get("use_dora"):
@@ -282,42 +283,124 @@ def _peft_check(cfg: PeftConfig) -> str:
     return peft_init(cfg)
 
 
-def peft_factors(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
-    """A, B and scale of one layer of a peft LORA file (what lora, dora and pissa read)."""
-    A, B = layer.tensors["lora_A.weight"], layer.tensors["lora_B.weight"]
-    if A.ndim != 2:
-        raise ValueError(
-            f"{cfg.file!r}: {layer.path}.lora_A.weight has shape {tuple(A.shape)}; lite_fn adapts linear layers "
-            f"only (a 4-D factor is a Conv2d LoRA)"
+# peft's tensors per layer kind. Linear kinds: lora_A.weight (r, d_in), lora_B.weight (d_out, r). Convolutions (peft's
+# _ConvNd): lora_A.weight (r, in, *k) is a conv with the base's kernel, stride and padding, lora_B.weight (out, r, 1, …)
+# a 1×1 conv, so conv(conv(x, A), B) = conv(x, B·A as (out, in, *k)): their flattened (r, in·∏k) and (out, r) are
+# lite_fn's A and B on the conv's (out, in·∏k) view — exactly, for groups=1, no dilation and zero padding (others are
+# refused: ``conv_refusal``). Embeddings: lora_embedding_A (r, num_embeddings), lora_embedding_B (embedding_dim, r),
+# peft's F.embedding(ids, Aᵀ) Bᵀ = one_hot(ids) Aᵀ Bᵀ: lite_fn's A and B on the embedding's (dim, vocab) view Wᵀ.
+LINEAR_KINDS = frozenset({"nn.Linear", "Conv1D", "bitsandbytes Linear4bit", "bitsandbytes Linear8bitLt"})
+_FACTOR_NAMES = {"Embedding": ("lora_embedding_A", "lora_embedding_B")}
+_SHAPED_KINDS = frozenset({"Conv", "Embedding"})  # kinds whose peft factors are not the linear (r, d_in), (d_out, r)
+
+
+def factor_names(layer: PeftLayer) -> tuple[str, str]:
+    """The names of peft's LoRA factors A and B at ``layer`` (by its layer kind)."""
+    return _FACTOR_NAMES.get(layer.kind, ("lora_A.weight", "lora_B.weight"))
+
+
+def conv_refusal(module) -> str | None:
+    """Why peft's conv LoRA at ``module`` is no update of its (out, in/groups·∏k) weight view, or None when it is."""
+    k = tuple(module.kernel_size)
+    if module.groups != 1:
+        return (
+            f"it has groups={module.groups}: peft's conv LoRA convolves all {module.in_channels} input channels in "
+            f"lora_A and uses a grouped 1×1 lora_B, so its update connects channels across groups, which the grouped "
+            f"convolution's own weight (out, in/groups, *k) cannot hold"
         )
-    r = cfg.rank(layer.path, A.shape[0], "lora_A.weight")
+    if any(d != 1 and n != 1 for d, n in zip(module.dilation, k)):
+        return (
+            f"it has dilation={tuple(module.dilation)}: peft builds lora_A with the base's kernel, stride and padding "
+            f"but without its dilation, so its update is not a convolution with the base's geometry"
+        )
+    pads = module.padding != "valid" and (isinstance(module.padding, str) or any(module.padding))
+    if module.padding_mode != "zeros" and pads:
+        return (
+            f"it has padding_mode={module.padding_mode!r}: peft's lora_A pads with zeros, the base layer with "
+            f"{module.padding_mode!r}, so the update sees other inputs at the border than the weight it is added to"
+        )
+    return None
+
+
+def _checked_conv(layer: PeftLayer, where: str) -> tuple[int, ...]:
+    """The kernel size of a conv layer peft's LoRA adapts exactly (groups=1), else a ValueError naming why not."""
+    why = conv_refusal(layer.module)
+    if why is not None:
+        raise ValueError(
+            f"{where}: {layer.path!r} is a {type(layer.module).__name__} and lite_fn cannot reproduce peft's LoRA on "
+            f"it: {why}. Exclude it from target_modules (or build the layer with groups=1, dilation=1, zero padding)"
+        )
+    return tuple(layer.stored[2:])
+
+
+def peft_factors(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    """A, B and scale of one layer of a peft LORA file (what lora, dora and pissa read): conv factors flattened to
+    lite_fn's (r, in·∏k) and (out, r)."""
+    if layer.kind == PARAMETER_KIND:
+        return _expert_factors(cfg, layer)
+    a, b = factor_names(layer)
+    A, B = layer.tensors[a], layer.tensors[b]
+    if layer.kind == "Conv":  # (r, in, *k) and (out, r, 1, …); their sizes are checked against the model later
+        k = _checked_conv(layer, cfg.where)
+        ok = A.ndim == B.ndim == 2 + len(k) and B.shape[1] == A.shape[0] and all(n == 1 for n in B.shape[2:])
+        want = f"(r, in_channels, *{k}) and (out_channels, r{', 1' * len(k)})"
+    else:
+        ok, want = A.ndim == B.ndim == 2, "(r, d_in) and (d_out, r)"
+    if not ok:
+        raise ValueError(
+            f"{cfg.file!r}: {layer.path}.{a} / .{b} have shapes {tuple(A.shape)} / {tuple(B.shape)}, but peft's LoRA "
+            f"on this {layer.kind} layer ({type(layer.module).__name__}) stores {want}; the adapter does not belong "
+            f"to this model"
+        )
+    r = cfg.rank(layer.path, A.shape[0], a)
     alpha = cfg.per_path("alpha_pattern", "lora_alpha", 8, layer.path)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"{cfg.where}: lora_alpha / alpha_pattern gives {alpha!r} for {layer.path!r}; expected a number")
     s = scaling(alpha, r, bool(cfg.get("use_rslora")))
+    A, B = A.reshape(r, -1), B.reshape(B.shape[0], r)
     return {"A": A, "B": B, "scale": torch.tensor(s, dtype=torch.float64)}  # cast once, to the weight dtype
 
 
-def peft_lowrank(A: Tensor, B: Tensor, s: float, path: str, **facts) -> tuple[dict[str, Tensor], dict]:
-    """The LORA tensors of the update s·BA (what every variant written as LoRA hands the format)."""
+def peft_lowrank(A: Tensor, B: Tensor, s: float, layer: PeftLayer | str, **facts) -> tuple[dict[str, Tensor], dict]:
+    """The LORA tensors of the update s·BA (what every variant written as LoRA hands the format), in the layout of
+    ``layer``'s kind (conv-shaped factors, embedding names). Given only a path (a str), the linear layout: the
+    format then refuses it on any other layer kind (``facts["layout"]``)."""
+    path = layer if isinstance(layer, str) else layer.path
     if not math.isfinite(s):
         raise ValueError(f"save_peft: {path!r} has scale {s}; peft's LoRA needs a finite scale")
-    return {"lora_A.weight": A.detach(), "lora_B.weight": B.detach()}, {"r": A.shape[0], "scale": s, **facts}
+    A, B = A.detach(), B.detach()
+    if isinstance(layer, str):
+        return {"lora_A.weight": A, "lora_B.weight": B}, {"r": A.shape[0], "scale": s, "layout": "linear", **facts}
+    if layer.kind == PARAMETER_KIND:
+        return _expert_lowrank(A, B, s, layer, facts)
+    if layer.kind == "Conv":
+        k = _checked_conv(layer, "save_peft")
+        A, B = A.reshape(A.shape[0], -1, *k), B.reshape(*B.shape, *(1,) * len(k))
+    a, b = factor_names(layer)
+    return {a: A, b: B}, {"r": A.shape[0], "scale": s, "layout": layer.kind, **facts}
 
 
 def _peft_tensors(cfg: PeftConfig, layer: PeftLayer) -> tuple[str, ...]:
-    return ("lora_A.weight", "lora_B.weight", *(("lora_B.bias",) if cfg.get("lora_bias") else ()))
+    base_bias = (BASE_BIAS,) if trains_base_bias(cfg, layer) else ()
+    return (*factor_names(layer), *(("lora_B.bias",) if cfg.get("lora_bias") else ()), *base_bias)
 
 
 def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
     leaves = peft_factors(cfg, layer)
-    return {**leaves, "bias": layer.tensors["lora_B.bias"]} if cfg.get("lora_bias") else leaves
+    leaves = {**leaves, "bias": layer.tensors["lora_B.bias"]} if cfg.get("lora_bias") else leaves
+    return _with_trained_bias(cfg, layer, leaves) if BASE_BIAS in layer.tensors else leaves
 
 
 def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
-    tensors, facts = peft_lowrank(leaves["A"], leaves["B"], float(leaves["scale"]), layer.path)
+    tensors, facts = peft_lowrank(leaves["A"], leaves["B"], one_scale(leaves["scale"], layer.path), layer)
     if "bias" not in leaves:
         return tensors, facts
+    if layer.kind == "Embedding":
+        raise ValueError(
+            f"save_peft: {layer.path!r} is an embedding with a lora_bias leaf 'bias'; peft refuses lora_bias on "
+            f"embeddings (its lora_embedding_B has no bias), so there is no peft file for it; drop the leaf or keep "
+            f"this adapter in lite_fn's own format (lf.save)"
+        )
     return {**tensors, "lora_B.bias": leaves["bias"].detach()}, {**facts, "lora_bias": True}
 
 
@@ -336,12 +419,26 @@ def _lora_bias(layers: list[PeftLayer], facts: list[dict]) -> bool:
 
 
 def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter) -> dict:
+    _check_parameter_layers(layers, facts)
+    flat = [layer.path for layer, f in zip(layers, facts) if f.get("layout") == "linear" and layer.kind in _SHAPED_KINDS]
+    if flat:
+        raise ValueError(
+            f"save_peft: {flat[:3]} are conv / embedding layers, but their variant's codec wrote its LoRA factors in the "
+            f"linear layout (lora.peft_lowrank(..., layer.path)), which peft cannot load there; the codec must pass the "
+            f"PeftLayer itself (lora.peft_lowrank(..., layer)) to get peft's conv shapes and embedding names"
+        )
     paths = [layer.path for layer in layers]
     ranks = {p: f["r"] for p, f in zip(paths, facts)}
-    # alpha = s·r, or s·√r with use_rslora: whichever needs fewer alpha_pattern entries
-    plain = {p: writer.number(f["scale"] * f["r"]) for p, f in zip(paths, facts)}
-    rs = {p: writer.number(f["scale"] * math.sqrt(f["r"])) for p, f in zip(paths, facts)}
-    use_rslora = len(set(rs.values())) < len(set(plain.values()))
+    # alpha = s·r, or s·√r with use_rslora: whichever needs fewer alpha_pattern entries; on a tie, whichever the
+    # config's 7-digit numbers hold more exactly (rsLoRA's s = 3/√2 is alpha 3 with use_rslora, not alpha 4.242641)
+    exact = {p: (f["scale"] * f["r"], f["scale"] * math.sqrt(f["r"])) for p, f in zip(paths, facts)}
+    plain = {p: writer.number(a) for p, (a, _) in exact.items()}
+    rs = {p: writer.number(a) for p, (_, a) in exact.items()}
+
+    def cost(alphas: dict, i: int) -> tuple[int, float]:
+        return len(set(alphas.values())), sum(abs(alphas[p] - e[i]) / max(abs(e[i]), 1e-30) for p, e in exact.items())
+
+    use_rslora = cost(rs, 1) < cost(plain, 0)
     alphas = rs if use_rslora else plain
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -363,10 +460,172 @@ def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter)
     }
 
 
+# peft's target_parameters (LoRA on raw parameters, e.g. MoE experts' fused gate_up_proj (E, 2I, H)): one ParamWrapper
+# per parameter, nested when a module has several (the room adds the "base_layer." prefixes of the nesting). Its tensors
+# (tuners/lora/layer.py ParamWrapper): lora_A.weight (r·E, in), lora_B.weight (out, r·E); expert e's A_e is rows
+# e·r … e·r+r−1 of lora_A, its B_e the columns j·E + e (j < r) of lora_B (peft views lora_B as (out, r, E)), and
+# ΔW_e = s·B_e A_e. A 3-D parameter is (E, out, in) to peft unless its module says is_transposed ((E, in, out));
+# a 2-D one is (out, in). lite_fn's view is always (E, shape[1], shape[2]), so on a transposed parameter lite_fn's
+# A_e = peft's B_eᵀ and its B_e = peft's A_eᵀ (ΔW_e = s·A_eᵀB_eᵀ as stored). peft's ParamWrapper refuses DoRA,
+# lora_bias, dropout and fan_in_fan_out; its residual inits (pissa, olora) need a weight the experts do not have.
+PARAMETER_KIND = "parameter"  # lite_fn's layer kind of a raw parameter targeted by its path
+
+
+def _check_parameters(cfg: PeftConfig) -> None:
+    """target_parameters only with what peft's ParamWrapper computes: plain LoRA (no DoRA, lora_bias, residual init)."""
+    names = cfg.get("target_parameters")
+    if not names:
+        return
+    init = cfg.get("init_lora_weights", True)
+    why = (
+        "use_dora=True"
+        if cfg.get("use_dora")
+        else "lora_bias=True"
+        if cfg.get("lora_bias")
+        else f"init_lora_weights={init!r}"
+        if isinstance(init, str) and init.lower() in _RESIDUAL_INITS
+        else None
+    )
+    if why is not None:
+        raise ValueError(
+            f"{cfg.where} sets target_parameters={names!r} with {why}, which peft's ParamWrapper refuses (it adapts a "
+            f"raw parameter with plain LoRA only); the file cannot come from peft"
+        )
+
+
+def _transposed(layer: PeftLayer) -> bool:
+    """Whether peft reads this 3-D parameter as (E, in, out): its module says is_transposed (transformers' experts)."""
+    return layer.W.ndim == 3 and bool(getattr(layer.module, "is_transposed", False))
+
+
+def one_scale(scale: Tensor, path: str) -> float:
+    """The scale of a layer's leaves as one number: a 3-D parameter's (E,) scales must all be equal (peft has one)."""
+    if scale.ndim and bool((scale != scale.reshape(-1)[0]).any()):
+        raise ValueError(
+            f"save_peft: {path!r} has per-expert scales {scale.tolist()}; peft's LoRA on a parameter has one scale "
+            f"(lora_alpha / r) for all its experts — give them one scale"
+        )
+    return float(scale.reshape(-1)[0])
+
+
+def _expert_factors(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
+    """A (E, r, d_in), B (E, d_out, r), scale (E,) — or A (r, d_in), B (d_out, r), scale () on a 2-D parameter — from
+    peft's ParamWrapper tensors (see above)."""
+    A, B, W = layer.tensors["lora_A.weight"], layer.tensors["lora_B.weight"], layer.W
+    E = W.shape[0] if W.ndim == 3 else 1
+    flip = _transposed(layer)
+    p_out, p_in = (W.shape[-1], W.shape[-2]) if flip else (W.shape[-2], W.shape[-1])
+    rE = A.shape[0] if A.ndim == 2 else 0
+    if A.ndim != 2 or rE % E or rE == 0 or tuple(A.shape) != (rE, p_in) or tuple(B.shape) != (p_out, rE):
+        raise ValueError(
+            f"{cfg.file!r}: {layer.path} lora_A.weight / lora_B.weight have shapes {tuple(A.shape)} / {tuple(B.shape)}, "
+            f"but peft's LoRA on the parameter {layer.path!r} of shape {layer.stored} ({E} expert(s), in={p_in}, "
+            f"out={p_out}) stores (r·{E}, {p_in}) and ({p_out}, r·{E}); the adapter does not belong to this model"
+        )
+    r = cfg.rank(layer.path, rE // E, "lora_A.weight")
+    alpha = cfg.per_path("alpha_pattern", "lora_alpha", 8, layer.path)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{cfg.where}: lora_alpha / alpha_pattern gives {alpha!r} for {layer.path!r}; expected a number")
+    s = scaling(alpha, r, bool(cfg.get("use_rslora")))
+    A_e = A.reshape(E, r, p_in)  # (E, r, in)
+    B_e = B.reshape(p_out, r, E).permute(2, 0, 1)  # (E, out, r)
+    if flip:  # stored (E, in, out): ΔW_e = s·A_eᵀ B_eᵀ
+        A_e, B_e = B_e.mT, A_e.mT
+    if W.ndim == 2:
+        return {"A": A_e[0], "B": B_e[0], "scale": torch.tensor(s, dtype=torch.float64)}
+    return {"A": A_e.contiguous(), "B": B_e.contiguous(), "scale": torch.full((E,), s, dtype=torch.float64)}
+
+
+def _expert_lowrank(A: Tensor, B: Tensor, s: float, layer: PeftLayer, facts: dict) -> tuple[dict[str, Tensor], dict]:
+    """peft's ParamWrapper tensors of the update s·B_e A_e on each expert (inverse of ``_expert_factors``)."""
+    W = layer.W
+    if W.ndim == 2:
+        return {"lora_A.weight": A, "lora_B.weight": B}, {"r": A.shape[0], "scale": s, "layout": PARAMETER_KIND, **facts}
+    E, d_out, d_in = W.shape
+    if A.ndim != 3 or B.ndim != 3 or A.shape[0] != E or B.shape[0] != E or A.shape[1] != B.shape[2]:
+        raise ValueError(
+            f"save_peft: {layer.path!r} is a parameter of {E} experts, but its low-rank factors have shapes "
+            f"{tuple(A.shape)} / {tuple(B.shape)}; peft's LoRA on it needs one rank-r pair per expert, A ({E}, r, "
+            f"{d_in}) and B ({E}, {d_out}, r)"
+        )
+    r = A.shape[1]
+    A_p, B_p = (B.mT, A.mT) if _transposed(layer) else (A, B)  # (E, r, in), (E, out, r) in peft's in / out
+    lora_A = A_p.reshape(E * r, A_p.shape[-1])
+    lora_B = B_p.permute(1, 2, 0).reshape(B_p.shape[1], r * E)  # column j·E + e
+    return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}, {"r": r, "scale": s, "layout": PARAMETER_KIND, **facts}
+
+
+def _check_parameter_layers(layers: list[PeftLayer], facts: list[dict]) -> None:
+    """A LORA file with parameter layers holds plain LoRA written in peft's ParamWrapper layout (see above)."""
+    params = [layer.path for layer in layers if layer.kind == PARAMETER_KIND]
+    if not params:
+        return
+    flat = [
+        layer.path
+        for layer, f in zip(layers, facts)
+        if layer.kind == PARAMETER_KIND and layer.W.ndim == 3 and f.get("layout") != PARAMETER_KIND
+    ]
+    if flat:
+        raise ValueError(
+            f"save_peft: {flat[:3]} are 3-D parameters (one matrix per expert), but their variant's codec wrote one "
+            f"pair of LoRA factors in the linear layout (lora.peft_lowrank(..., layer.path)); peft's LoRA on a "
+            f"parameter has one pair per expert — the codec must pass the PeftLayer itself (lora.peft_lowrank(..., layer))"
+        )
+    odd = next((k for k in ("use_dora", "lora_bias") if any(f.get(k) for f in facts)), None)
+    if odd is not None:
+        raise ValueError(
+            f"save_peft: {params[:3]} are raw parameters (peft's target_parameters), which peft adapts with plain LoRA "
+            f"only (its ParamWrapper refuses {odd}), but this adapter needs {odd}=True; save the parameters' adapters "
+            f"to a directory of their own"
+        )
+
+
+# peft's bias="all" / "<type>_only" trains (and saves) the base layers' biases: a LoRA layer's as
+# "<path>.base_layer.bias". lite_fn holds it in LoRA's bias leaf (lora_bias' own, scaled by s), which computes
+# b + s·bias: a trained bias b_t is the leaf (b_t − b)/s on the model's own b (plus lora_B.bias with lora_bias).
+BASE_BIAS = "base_layer.bias"
+
+
+def trains_base_bias(cfg: PeftConfig, layer: PeftLayer) -> bool:
+    """Whether ``layer``'s base bias is in the file: the config trains biases and the layer has one."""
+    return cfg.get("bias", "none") != "none" and layer.kind != PARAMETER_KIND and getattr(layer.module, "bias", None) is not None
+
+
+def _with_trained_bias(cfg: PeftConfig, layer: PeftLayer, leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+    s, own = float(leaves["scale"]), layer.module.bias
+    if own.is_meta:
+        raise ValueError(
+            f"{cfg.where}: {layer.path!r} has a trained bias (bias={cfg.get('bias')!r}), which lite_fn holds as its "
+            f"difference from the model's own bias, but the model's is on the meta device; load onto a model with weights"
+        )
+    b = own.detach().to("cpu", torch.float64)
+    shift = layer.tensors[BASE_BIAS].to(torch.float64) - b  # what training added to the model's bias
+    if s == 0:
+        if bool(shift.any()):
+            raise ValueError(
+                f"{cfg.where}: {layer.path!r} has a trained bias (bias={cfg.get('bias')!r}) but scale 0 (lora_alpha=0), "
+                f"so lite_fn's LoRA bias leaf (added as s·bias) cannot carry it"
+            )
+        shift = shift * 0
+    else:
+        shift = shift / s
+    return {**leaves, "bias": leaves["bias"].to(torch.float64) + shift if "bias" in leaves else shift}
+
+
 PEFT_LORA = PeftFormat(
     peft_type="LORA",
-    suffixes=("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight"),
+    suffixes=(
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora_B.bias",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "lora_magnitude_vector.weight",
+    ),
     aliases={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
+    # nn.MultiheadAttention is not among them: peft 0.21 adds its out_proj update twice (see test_layer_kinds_lora.py)
+    kinds=LINEAR_KINDS | _SHAPED_KINDS | {PARAMETER_KIND},
     fields=frozenset(
         {
             "r",
@@ -383,6 +642,7 @@ PEFT_LORA = PeftFormat(
             "bias",
             "lora_bias",  # plain LoRA only (_peft_check)
             "fan_in_fan_out",  # peft sets it per layer from the layer type (Conv1D is fan-in-fan-out)
+            "target_parameters",  # raw parameters (MoE experts): peft's ParamWrapper, plain LoRA only
         }
     ),
     # training-only, or the configs of data-driven inits (the init itself is judged by init_lora_weights)
@@ -400,9 +660,8 @@ PEFT_LORA = PeftFormat(
         }
     ),
     refuses={
-        "trainable_token_indices": "trainable tokens replace rows of an embedding, which lite_fn does not adapt",
+        "trainable_token_indices": "trainable tokens replace chosen rows of an embedding by trained ones, which no lite_fn variant holds",
         "layer_replication": "it duplicates decoder layers, changing the model's structure",
-        "target_parameters": "it adapts raw nn.Parameters (e.g. MoE experts), not linear layers",
         "alora_invocation_tokens": "activated LoRA switches the adapter on per token position",
         "use_qalora": "QALoRA pools the adapter input for quantized layers",
         "megatron_config": "Megatron-parallel layers are not nn.Linear",

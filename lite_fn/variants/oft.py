@@ -30,7 +30,28 @@ Deviation (COFT): peft writes the projected Q back into its parameter at every f
 no_grad); a pure apply cannot, so the leaf keeps what the optimizer made of it and apply projects it at
 every call. Output and gradient for given leaves are peft's; an optimizer step then starts from the
 unprojected value (peft: from the projected one), so trajectories differ once a block leaves the ball.
-Not here: peft's module_dropout (built but never applied by peft 0.21's forward), Conv2d and Embedding.
+Not here: peft's module_dropout (built but never applied by peft 0.21's forward).
+
+Merged (``merged``: what a layer adapted by weight substitution computes with, and lf.merge): W' = W · blockdiag(R)ᵀ,
+b' = b — R's blocks applied to W's rows, never a d_in × d_in matrix.
+
+Output side (peft's OFT on an nn.Embedding, oft_embedding_R; leaf ``Q_out`` instead of Q, trainable): the blocks
+act on the layer's output instead,
+    y = (x Wᵀ + b) · blockdiag(R)            (merged: W' = blockdiag(R)ᵀ W, b' = b · blockdiag(R))
+with n·bs = d_out (an embedding's d_out is embedding_dim; its d_in is the vocabulary). lf.load_peft reads peft's
+embedding rotations as Q_out; lf.init's OFT always rotates the input side (it cannot see the layer kind), so an
+embedding adapter in peft's form is built by hand: {"Q_out": torch.zeros(dim // bs, bs(bs−1)/2), "neumann": …}
+with the other leaves as lf.init gives them. The output side transforms no input, so it runs only where weights
+are substituted (an embedding), not on a linear layer's own call.
+Deviation (an embedding with padding_idx whose padding row is not zero): the outputs are peft's, but peft rotates the
+looked-up vectors, so the padding tokens' gradient reaches oft_embedding_R, while the merged table's padding row
+gets no gradient (F.embedding), so neither does Q_out from those tokens. nn.Embedding zeroes that row at init,
+where both give the same gradient.
+
+Convolutions: lf.init's OFT rotates the flattened kernel's inputs (d_in = in/groups·∏k, peft's flattening) of
+any convolution. peft's file form is read and written for 1 × 1 nn.Conv2d layers without groups only: for a
+k × k kernel, k > 1, peft 0.21's forward rotates overlapping input patches and sums them back (F.fold of the
+rotated F.unfold), which is not its own merge W·Rᵀ, nor the identity at init; lite_fn computes the merge.
 """
 
 from __future__ import annotations
@@ -48,9 +69,22 @@ from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
 from . import _padding
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "OFTConfig", "apply", "apply_input", "init", "pad", "random_init", "shapes"]
+__all__ = [
+    "NAME",
+    "PEFT",
+    "TRAINABLE",
+    "Config",
+    "OFTConfig",
+    "apply",
+    "apply_input",
+    "init",
+    "merged",
+    "pad",
+    "random_init",
+    "shapes",
+]
 NAME = "oft"
-TRAINABLE = frozenset({"Q"})  # leaves an optimizer updates
+TRAINABLE = frozenset({"Q", "Q_out"})  # leaves an optimizer updates (Q_out: the output-side form)
 
 random_init = never_random  # init draws no random numbers (Q = 0)
 
@@ -200,12 +234,18 @@ def init(key: _keys.Key, W: Tensor, cfg: OFTConfig, statistic=None) -> dict[str,
     return params
 
 
+def _rotated(leaves) -> str:
+    """The leaf holding the rotation: Q (input side), or Q_out (output side) when only it is given."""
+    return "Q_out" if "Q_out" in leaves and "Q" not in leaves else "Q"
+
+
 def shapes(leaves: dict[str, tuple[int, ...]], d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
     """The exact leaf shapes for W of (d_out, d_in): Q's from Q itself (block size, block_share), which must
-    cover d_in; eps and neumann when present (the series length from neumann itself)."""
-    q = tuple(leaves.get("Q", ()))
-    _layout(q, d_in, "oft")
-    out = {"Q": q}
+    cover d_in (Q_out's: d_out); eps and neumann when present (the series length from neumann itself)."""
+    name = _rotated(leaves)
+    q = tuple(leaves.get(name, ()))
+    _layout(q, d_out if name == "Q_out" else d_in, "oft" if name == "Q" else "oft (Q_out, on d_out)")
+    out = {name: q}
     if "eps" in leaves:
         out["eps"] = ()
     if "neumann" in leaves:
@@ -225,8 +265,8 @@ def _coft(S: Tensor, eps: Tensor) -> Tensor:
 
 
 def rotation_minus_identity(params: dict[str, Tensor], bs: int) -> Tensor:
-    """R_i − I for every row of Q, (rows, bs, bs), in at least fp32; exactly 0 where Q_i = 0."""
-    Q = params["Q"]
+    """R_i − I for every row of Q (or Q_out), (rows, bs, bs), in at least fp32; exactly 0 where Q_i = 0."""
+    Q = params[_rotated(params)]
     dt = torch.promote_types(Q.dtype, torch.float32)
     S = 2.0 * linalg.skew_from_triu(Q.to(dt), bs)  # Q_i = P_i − P_iᵀ (skew_from_triu gives ½(P − Pᵀ))
     if "eps" in params:
@@ -242,16 +282,47 @@ def rotation_minus_identity(params: dict[str, Tensor], bs: int) -> Tensor:
     return K
 
 
+def _steps(params: dict[str, Tensor], d: int, dtype: torch.dtype, who: str) -> Tensor:
+    """blockdiag(R) − I's blocks on d features: (n, bs, bs) in ``dtype`` (one block expanded with block_share)."""
+    bs, n = _layout(tuple(params[_rotated(params)].shape), d, who)
+    return rotation_minus_identity(params, bs).to(dtype).expand(n, bs, bs)
+
+
+def _rotate(x: Tensor, K: Tensor) -> Tensor:
+    """x · blockdiag(I + K) for K (n, bs, bs): exactly x where K = 0."""
+    return x + linalg.block_rotate(x, K)
+
+
 def apply_input(params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """x · blockdiag(R): all this variant does to the layer (which then computes (x R) Wᵀ + b)."""
-    bs, n = _layout(tuple(params["Q"].shape), x.shape[-1], "oft.apply")
-    K = rotation_minus_identity(params, bs).to(x.dtype)  # (rows, bs, bs)
-    return x + linalg.block_rotate(x, K.expand(n, bs, bs))  # exactly x at Q = 0
+    """x · blockdiag(R): all this variant does to the layer (which then computes (x R) Wᵀ + b).
+
+    Raises:
+        ValueError: the output-side form (leaf Q_out), which rotates the layer's output, not its input.
+    """
+    if "Q" not in params:
+        raise ValueError(
+            "oft: the output-side form (leaf Q_out: peft's OFT on an nn.Embedding) rotates the layer's output, so it "
+            "is no transform of the input; use it on the embedding it was loaded for (adapted by weight substitution)"
+        )
+    return _rotate(x, _steps(params, x.shape[-1], x.dtype, "oft.apply"))  # exactly x at Q = 0
 
 
 def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
     _checks.check_input(x, W, "oft.apply")
-    return torch.nn.functional.linear(apply_input(params, x), W, b)
+    if "Q" in params:
+        return torch.nn.functional.linear(apply_input(params, x), W, b)
+    return _rotate(torch.nn.functional.linear(x, W, b), _steps(params, W.shape[-2], x.dtype, "oft.apply"))
+
+
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W Rᵀ, b) with R = blockdiag(R_i) (peft's merge, on the flattened kernel for a convolution), or
+    (Rᵀ W, b R) for the output-side form: the dense layer ``apply`` computes, R's blocks applied to W's rows
+    (columns), never a d × d matrix."""
+    if "Q" in params:
+        K = _steps(params, W.shape[-1], W.dtype, "oft.merged")
+        return _rotate(W, K.mT), b  # rows w ↦ w Rᵀ: x (W Rᵀ)ᵀ = (x R) Wᵀ
+    K = _steps(params, W.shape[-2], W.dtype, "oft.merged")
+    return _rotate(W.mT, K).mT, None if b is None else _rotate(b, K)  # (x Wᵀ + b) R = x (Rᵀ W)ᵀ + b R
 
 
 def pad(path: str, present: dict, K: int, own) -> dict:
@@ -266,7 +337,8 @@ def pad(path: str, present: dict, K: int, own) -> dict:
             f"the adapters compute different functions of Q there (leaves {names}: eps comes with coft=True, "
             "neumann with use_cayley_neumann=True); stack OFT adapters of one form",
         )
-    q_shapes = {k: tuple(v["Q"].shape) for k, v in present.items()}
+    name = _rotated(present[min(present)])
+    q_shapes = {k: tuple(v[name].shape) for k, v in present.items()}
     if len(set(q_shapes.values())) > 1:
         _padding.refuse(
             NAME,
@@ -279,15 +351,17 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     donor = out[min(present)]
     for k in range(K):
         if k not in out:
-            out[k] = {n: (torch.zeros_like(t) if n == "Q" else t.detach().clone()) for n, t in donor.items()}
+            out[k] = {n: (torch.zeros_like(t) if n == name else t.detach().clone()) for n, t in donor.items()}
     return out
 
 
 # ----------------------------------------------------------------------------- peft: the OFT type
 # One tensor per targeted module, oft_R.weight (n, bs(bs−1)/2), or (1, ·) with block_share: the leaf Q as
-# is. peft has one r / oft_block_size for the whole adapter (no pattern) and resolves it per layer: a value
-# that does not divide d_in is moved to a nearby divisor (_peft_adjusted), with a warning.
+# is (an nn.Embedding's: oft_embedding_R.weight, over its embedding_dim, the leaf Q_out). peft has one r /
+# oft_block_size for the whole adapter (no pattern) and resolves it per layer: a value that does not divide the
+# rotated width is moved to a nearby divisor (_peft_adjusted), with a warning.
 _TENSOR = "oft_R.weight"
+_EMBEDDING = "oft_embedding_R.weight"
 _LINEAR_ONLY = "peft's OFT adapts torch.nn.Linear (and Conv2d, Embedding) only, not transformers' Conv1D"
 
 
@@ -333,21 +407,61 @@ def _peft_check(cfg: PeftConfig) -> None:
         raise ValueError(f"{where} sets eps={eps!r} with coft=true; expected a finite number")
 
 
+def _side(layer: PeftLayer) -> tuple[str, str, int, str]:
+    """(stored tensor, leaf, rotated width, its name) of one layer: an embedding's outputs, any other's inputs."""
+    if layer.kind == "Embedding":
+        return _EMBEDDING, "Q_out", layer.W.shape[0], "embedding_dim"
+    return _TENSOR, "Q", layer.W.shape[1], "d_in"
+
+
+def _check_conv(layer: PeftLayer, who: str) -> None:
+    """The convolutions whose peft OFT form lite_fn reads and writes, 1 × 1 nn.Conv2d without groups or dilation
+    (see the module docstring); a ValueError saying why for any other."""
+    if layer.kind != "Conv":
+        return
+    conv, path = layer.module, layer.path
+    if len(layer.stored) != 4:
+        raise ValueError(
+            f"{who}: {path!r} is an nn.Conv{len(layer.stored) - 2}d, but peft's OFT adapts nn.Linear, nn.Conv2d and "
+            f"nn.Embedding only (peft refuses to adapt it); leave it out of the adapter"
+        )
+    if tuple(conv.kernel_size) != (1, 1):
+        raise ValueError(
+            f"{who}: {path!r} is an nn.Conv2d with kernel_size={tuple(conv.kernel_size)}. On a kernel larger than 1 × 1, "
+            f"peft 0.21's OFT forward rotates overlapping input patches and sums them back (F.fold of the rotated "
+            f"F.unfold): neither its own merge (the rotated kernel W·Rᵀ, which lite_fn computes) nor the identity at "
+            f"init, so lite_fn cannot match it; it reads and writes peft's OFT on 1 × 1 convolutions only. Keep this "
+            f"adapter in lite_fn's format (lf.save), or leave the layer out"
+        )
+    if conv.groups != 1:
+        raise ValueError(
+            f"{who}: {path!r} is an nn.Conv2d with groups={conv.groups}: peft's OFT rotates all {conv.in_channels} "
+            f"input channels together, which a grouped kernel cannot hold (peft's merge fails there too); leave it out"
+        )
+    if tuple(conv.dilation) != (1, 1):
+        raise ValueError(
+            f"{who}: {path!r} is an nn.Conv2d with dilation={tuple(conv.dilation)}, which peft's OFT refuses "
+            f"('Conv2d with dilation > 1 is not supported by OFT'); leave it out"
+        )
+
+
 def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
-    Q, d_in = layer.tensors[_TENSOR], layer.W.shape[1]
-    n, bs = _peft_blocks(cfg, d_in)
+    _check_conv(layer, cfg.where)
+    tensor, leaf, d, what = _side(layer)
+    Q = layer.tensors[tensor]
+    n, bs = _peft_blocks(cfg, d)
     if bs < 2:
         raise ValueError(
-            f"{cfg.where} gives {layer.path!r} (d_in={d_in}) blocks of size {bs}: a 1 × 1 rotation is the identity "
+            f"{cfg.where} gives {layer.path!r} ({what}={d}) blocks of size {bs}: a 1 × 1 rotation is the identity "
             f"and lite_fn's OFT refuses it; load this adapter without that layer or retrain with another oft_block_size"
         )
     want = (1 if cfg.get("block_share") else n, bs * (bs - 1) // 2)
     if tuple(Q.shape) != want:
         raise ValueError(
-            f"{cfg.file!r}: {layer.path}.{_TENSOR} has shape {tuple(Q.shape)}, but {cfg.where} gives {want} for "
-            f"d_in={d_in} ({n} blocks of size {bs}, block_share={bool(cfg.get('block_share'))}); the files do not belong together"
+            f"{cfg.file!r}: {layer.path}.{tensor} has shape {tuple(Q.shape)}, but {cfg.where} gives {want} for "
+            f"{what}={d} ({n} blocks of size {bs}, block_share={bool(cfg.get('block_share'))}); the files do not belong together"
         )
-    leaves = {"Q": Q}
+    leaves = {leaf: Q}
     if cfg.get("coft"):
         leaves["eps"] = torch.tensor(float(cfg.get("eps", 6e-5)), dtype=torch.float64)
     if cfg.get("use_cayley_neumann", True):  # peft's default when the field is absent
@@ -357,8 +471,22 @@ def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
 
 
 def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
-    Q = leaves["Q"]
-    bs, n = _layout(tuple(Q.shape), layer.W.shape[1], f"save_peft: {layer.path!r}")
+    _check_conv(layer, "save_peft")
+    tensor, leaf, d, what = _side(layer)
+    if leaf not in leaves:
+        if leaf == "Q_out":
+            raise ValueError(
+                f"save_peft: {layer.path!r} is an nn.Embedding with OFT's input-side leaf Q (as lf.init builds it: blocks "
+                f"over its {layer.W.shape[1]} vocabulary entries); peft's OFT rotates an embedding's outputs "
+                f"(oft_embedding_R over embedding_dim={d}: the leaf Q_out, see lite_fn/variants/oft.py), so peft cannot "
+                f"hold it; keep it in lite_fn's format (lf.save)"
+            )
+        raise ValueError(
+            f"save_peft: {layer.path!r} has OFT's output-side leaf Q_out, which peft holds for nn.Embedding layers only "
+            f"(oft_embedding_R); its OFT on a {layer.kind} layer rotates the input (leaf Q)"
+        )
+    Q = leaves[leaf]
+    bs, n = _layout(tuple(Q.shape), d, f"save_peft: {layer.path!r} ({what})")
     terms = None
     if "neumann" in leaves:
         c = [float(v) for v in leaves["neumann"].detach().cpu()]
@@ -375,7 +503,7 @@ def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, 
         "eps": float(leaves["eps"]) if "eps" in leaves else None,
         "terms": terms,
     }
-    return {_TENSOR: Q.detach()}, facts
+    return {tensor: Q.detach()}, facts
 
 
 def _one(layers: list[PeftLayer], facts: list[dict], key: str, what: str):
@@ -434,7 +562,7 @@ def _peft_config(layers: list[PeftLayer], facts: list[dict], writer: PeftWriter)
 
 PEFT_OFT = PeftFormat(
     peft_type="OFT",
-    suffixes=(_TENSOR, "oft_embedding_R.weight"),  # the second: an Embedding target, refused by its layer kind
+    suffixes=(_TENSOR, _EMBEDDING),
     fields=frozenset(
         {
             "r",
@@ -455,10 +583,15 @@ PEFT_OFT = PeftFormat(
     # the file overrides the initial values; peft 0.21 builds module_dropout but never applies it
     ignores=frozenset({"init_weights", "module_dropout"}),
     refuses_kinds={"Conv1D": _LINEAR_ONLY},
+    kinds=frozenset({"nn.Linear", "Conv1D", "Conv", "Embedding", "bitsandbytes Linear4bit", "bitsandbytes Linear8bitLt"}),
     check=_peft_check,
     config=_peft_config,
 )
 
 PEFT = PeftCodec(
-    format=PEFT_OFT, claims=lambda cfg, path: True, tensors=lambda cfg, layer: (_TENSOR,), read=_peft_read, write=_peft_write
+    format=PEFT_OFT,
+    claims=lambda cfg, path: True,
+    tensors=lambda cfg, layer: (_side(layer)[0],),
+    read=_peft_read,
+    write=_peft_write,
 )

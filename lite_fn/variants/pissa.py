@@ -33,11 +33,22 @@ from torch import Tensor
 from .. import _checks, _keys, linalg
 from .._contract import PeftCodec, PeftConfig, PeftLayer
 from . import _padding
-from .lora import PEFT_LORA, check_dropout, dropout_leaf, dropped, peft_factors, peft_init, peft_lowrank, projected, scaling
+from .lora import (
+    PEFT_LORA,
+    check_dropout,
+    dropout_leaf,
+    dropped,
+    factor_names,
+    peft_factors,
+    peft_init,
+    peft_lowrank,
+    projected,
+    scaling,
+)
 from .lora import shapes as lora_shapes
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "PiSSAConfig", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "PiSSAConfig", "apply", "init", "merged", "pad", "random_init", "shapes"]
 NAME = "pissa"
 TRAINABLE = frozenset({"A", "B"})  # leaves an optimizer updates
 
@@ -123,6 +134,13 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     return linalg.add_product(y, dh, params["B0"])
 
 
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W + s·(BA − B₀A₀), b): the dense layer ``apply`` computes, in O(r·d_out·d_in). Written as
+    s·((B − B₀) A + B₀ (A − A₀)), as ``apply`` splits it, so both terms are exactly zero at init and W' = W."""
+    B0 = params["B0"]
+    return W + params["scale"] * ((params["B"] - B0) @ params["A"] + B0 @ (params["A"] - params["A0"])), b
+
+
 # ----------------------------------------------------------------------------- peft: LORA, residual inits
 # Reading: a peft LoRA file with init_lora_weights "pissa" or "olora" — peft's from_pretrained re-runs that
 # init on the model it is given and subtracts s·B₀A₀ from its weights; here the frozen A0/B0 are computed
@@ -156,8 +174,24 @@ def _residual_factors(cfg: PeftConfig, layer: PeftLayer, r: int, s: float) -> tu
     return R[:r].contiguous(), Q[:, :r].contiguous(), torch.tensor(s, dtype=torch.float64)
 
 
+def _peft_tensors(cfg: PeftConfig, layer: PeftLayer) -> tuple[str, ...]:
+    if layer.kind == "Conv":
+        raise ValueError(
+            f"{cfg.where} sets init_lora_weights={cfg.get('init_lora_weights')!r} and targets the convolution "
+            f"{layer.path!r}: peft itself cannot load it (its conv layers raise 'Unknown initialization'); exclude "
+            f"the layer from target_modules, or convert the adapter to a plain LoRA with peft's "
+            f"save_pretrained(path_initial_model_for_weight_conversion=...)"
+        )
+    return factor_names(layer)
+
+
 def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
     leaves = peft_factors(cfg, layer)
+    if layer.kind == "Embedding":
+        # peft's embedding layers ignore a residual init (they take their plain init and leave the base alone): the
+        # file's factors are a plain LoRA there — zero frozen factors, s·(BA − 0·0)
+        A, B = leaves["A"], leaves["B"]
+        return {**leaves, "A0": torch.zeros_like(A), "B0": torch.zeros_like(B)}
     A0, B0, s = _residual_factors(cfg, layer, leaves["A"].shape[0], float(leaves["scale"]))
     return {**leaves, "scale": s, "A0": A0, "B0": B0}
 
@@ -165,13 +199,13 @@ def _peft_read(cfg: PeftConfig, layer: PeftLayer) -> dict[str, Tensor]:
 def _peft_write(leaves: dict[str, Tensor], layer: PeftLayer) -> tuple[dict[str, Tensor], dict]:
     A = torch.cat([leaves["A"].detach(), leaves["A0"].detach()], dim=0)
     B = torch.cat([leaves["B"].detach(), -leaves["B0"].detach()], dim=1)
-    return peft_lowrank(A, B, float(leaves["scale"]), layer.path)
+    return peft_lowrank(A, B, float(leaves["scale"]), layer)
 
 
 PEFT = PeftCodec(
     format=PEFT_LORA,
     claims=lambda cfg, path: not cfg.get("use_dora") and peft_init(cfg) == "residual",
-    tensors=lambda cfg, layer: ("lora_A.weight", "lora_B.weight"),
+    tensors=_peft_tensors,
     read=_peft_read,
     write=_peft_write,
 )

@@ -31,7 +31,7 @@ from .._contract import PeftCodec, PeftConfig, PeftFormat, PeftLayer, PeftWriter
 from . import _padding
 
 # the variant contract; other names are shared helpers
-__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "ROADConfig", "apply", "init", "pad", "random_init", "shapes"]
+__all__ = ["NAME", "PEFT", "TRAINABLE", "Config", "ROADConfig", "apply", "init", "merged", "pad", "random_init", "shapes"]
 NAME = "road"
 TRAINABLE = frozenset({"theta", "alpha"})  # leaves an optimizer updates
 
@@ -135,14 +135,18 @@ def pad(path: str, present: dict, K: int, own) -> dict:
     return out
 
 
-def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
-    _checks.check_input(x, W, "road.apply")
-    theta, alpha = params["theta"], params["alpha"]
-    if 2 * theta.shape[0] * theta.shape[-1] != W.shape[0]:
+def _check_params(theta: Tensor, d_out: int, who: str) -> None:
+    if 2 * theta.shape[0] * theta.shape[-1] != d_out:
         raise ValueError(
-            f"road.apply: theta of shape {tuple(theta.shape)} covers {2 * theta.shape[0] * theta.shape[-1]} "
-            f"output features but W has d_out={W.shape[0]}; init the params from this W"
+            f"{who}: theta of shape {tuple(theta.shape)} covers {2 * theta.shape[0] * theta.shape[-1]} "
+            f"output features but W has d_out={d_out}; init the params from this W"
         )
+
+
+def _rotate(params: dict[str, Tensor], y: Tensor) -> Tensor:
+    """y' = y ⊙ c₁ + rot_half(y) ⊙ c₂ on the last axis of y (..., d_out): the rotation ``apply`` puts on the
+    layer's output, and ``merged`` on W's columns and on b."""
+    theta, alpha = params["theta"], params["alpha"]
     if theta.ndim == 4:  # road_4: separate (θ, α) for the two columns of each 2×2 block
         c1 = alpha[:, 0] * torch.cos(theta[:, 0])  # (g, s, h)
         c2 = alpha[:, 1] * torch.sin(theta[:, 1])
@@ -154,11 +158,23 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     # stacked once into the output
     G, h = theta.shape[0], theta.shape[-1]
     c1, c2 = c1.expand(G, 2, h), c2.expand(G, 2, h)
-    y = torch.nn.functional.linear(x, W, b).unflatten(-1, (G, 2, h))  # (..., g, s, h), bias included
+    y = y.unflatten(-1, (G, 2, h))  # (..., g, s, h)
     y0, y1 = y[..., 0, :], y[..., 1, :]
     first = torch.addcmul(y0 * c1[:, 0], y1, c2[:, 0], value=-1.0)
     second = torch.addcmul(y1 * c1[:, 1], y0, c2[:, 1])
     return torch.stack((first, second), dim=-2).flatten(-3)
+
+
+def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
+    _checks.check_input(x, W, "road.apply")
+    _check_params(params["theta"], W.shape[0], "road.apply")
+    return _rotate(params, torch.nn.functional.linear(x, W, b))  # the bias is rotated too
+
+
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(R W, R b): the output rotation R applied to W's rows — as ``_rotate`` on the columns of Wᵀ — and to b."""
+    _check_params(params["theta"], W.shape[-2], "road.merged")
+    return _rotate(params, W.mT).mT, (None if b is None else _rotate(params, b))
 
 
 # ----------------------------------------------------------------------------- peft: the ROAD type

@@ -50,6 +50,7 @@ __all__ = [
     "apply",
     "apply_runs",
     "init",
+    "merged",
     "pad",
     "plan",
     "random_init",
@@ -185,6 +186,12 @@ def apply(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = No
     h = torch.nn.functional.linear(lora.dropped(params, x, noise), params["A"]) * params["lambda_d"]  # (..., r)
     # λ_b scales the d_out-wide product (as peft): its gradient is then elementwise, not a (d_out, r) GEMM
     return torch.addcmul(torch.nn.functional.linear(x, W, b), torch.nn.functional.linear(h, params["B"]), params["lambda_b"])
+
+
+def merged(params: dict[str, Tensor], W: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W + diag(λ_b) B diag(λ_d) A, b): apply's layer (without dropout: eval) as one dense weight."""
+    _check_params(params, W, "vera.merged")
+    return W + (params["lambda_b"].unsqueeze(-1) * params["B"] * params["lambda_d"]) @ params["A"], b
 
 
 def apply_runs(params: dict[str, Tensor], W: Tensor, x: Tensor, b: Tensor | None = None) -> Tensor:
