@@ -11,7 +11,7 @@ PY="${PYTHON:-.venv/bin/python}"
 start=$SECONDS
 for b in bench_injection bench_many_adapters bench_train_step "bench_train_step --wide" bench_steering \
          bench_calibration_memory bench_compile bench_qlora bench_peft_load bench_train_many bench_generate bench_wide \
-         bench_everyday; do
+         bench_everyday bench_layer_kinds; do
     t0=$SECONDS
     echo "=== $b $*"
     read -r script flags <<< "$b"
