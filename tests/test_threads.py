@@ -152,8 +152,9 @@ def test_lf_call_needs_one_route_index_per_example(setup):
     torch.testing.assert_close(routed[0], lf.call(model, lf.unstack(stacked)[1], x[:1]).logits[0], rtol=0, atol=1e-5)
 
 
-def test_a_compiled_call_before_any_eager_one_in_a_fresh_process():
+def test_a_compiled_call_before_any_eager_one_in_a_fresh_process(tmp_path):
     """torch.compile traces lf.call without ever taking the thread-start lock (which dynamo cannot trace)."""
+    import os
     import subprocess
     import sys
 
@@ -165,5 +166,7 @@ def test_a_compiled_call_before_any_eager_one_in_a_fresh_process():
         "x = torch.randn(3, 8)\n"
         "assert torch.allclose(f(params, x), lf.call(model, params, x), atol=1e-6)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # a private inductor cache: processes compiling at once into the shared /tmp cache can load a half-written .so
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
